@@ -1,0 +1,43 @@
+# ctvlp: `make demo` runs the whole workflow on the built-in synthetic cohort; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+# Pinned first: an unpinned torch (also when pulled in by another package) is a multi-GB CUDA build.
+# Override for a GPU machine, e.g. make demo TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>".
+TORCH_SPEC ?= torch==2.13.0
+CORES ?= all
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install install-test demo test lint clean
+
+$(BIN)/ctvlp: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip freeze | grep -i '^torch==' > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[all,test]'
+	touch $@
+
+install: $(BIN)/ctvlp
+
+# The tests also check the catalog against TotalSegmentator's own class map. TotalSegmentator
+# brings a torchvision built for CUDA that cannot import next to CPU torch (and breaks
+# transformers); nnU-Net does not need it, so it is removed when it fails to import.
+$(VENV)/.totalseg: $(BIN)/ctvlp
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt 'totalsegmentator>=2.0'
+	$(BIN)/python -c 'import torchvision' 2>/dev/null || $(BIN)/python -m pip uninstall -q -y torchvision
+	touch $@
+
+install-test: $(VENV)/.totalseg
+
+demo: install
+	$(BIN)/snakemake --cores $(CORES)
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results .snakemake

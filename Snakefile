@@ -1,0 +1,23 @@
+# ctvlp workflow: CT cohort -> anatomy segmentation -> preprocessing -> report parsing ->
+# anatomy-wise vision-language training -> zero-shot evaluation.
+# All logic lives in the `ctvlp` package; rules only call its subcommands.
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/cohort.smk"
+include: "workflow/rules/imaging.smk"
+include: "workflow/rules/reports.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        R("eval/zeroshot.md"),
+    default_target: True

@@ -1,0 +1,155 @@
+"""ctvlp: anatomy-level vision-language pretraining on 3D CT, one subcommand per workflow stage.
+
+Snakemake rules call these subcommands; every stage also runs by hand.
+
+Settings come from `--config FILE` (default config.yaml) or, as Snakemake passes them, from
+`--params JSON` holding the relevant config sections; both are validated against the schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import config as cfgmod
+
+log = logging.getLogger("ctvlp")
+
+
+def _settings(args) -> dict:
+    if args.params is not None:
+        return cfgmod.validate(json.loads(args.params))
+    return cfgmod.load(args.config)
+
+
+def _manifest_row(manifest: str, case_id: str) -> dict:
+    import polars as pl
+
+    rows = pl.read_parquet(manifest).filter(pl.col("case_id") == case_id)
+    if len(rows) != 1:
+        raise SystemExit(f"case {case_id!r} appears {len(rows)} times in {manifest} (expected once)")
+    return rows.row(0, named=True)
+
+
+def cmd_validate_config(args):
+    cfg = cfgmod.load(args.config)
+    print(json.dumps(cfg, indent=1))
+
+
+def cmd_demo_data(args):
+    from .demo_data import write_cohort
+
+    s = _settings(args)
+    c = s["cohort"]
+    path = write_cohort(args.out, n_cases=c["n_cases"], seed=s["seed"], split=tuple(c["split"]))
+    log.info("wrote %s", path)
+
+
+def cmd_segment(args):
+    from . import imaging
+
+    s = _settings(args)["segment"]
+    row = _manifest_row(args.manifest, args.case)
+    if s["backend"] != "phantom":
+        raise SystemExit(f"segment backend {s['backend']!r} is not available")
+    Path(args.out_map).parent.mkdir(parents=True, exist_ok=True)
+    tab = imaging.segment_case(args.case, row["mask_path"], s["class_version"], s["min_voxels"],
+                               args.out_map, args.out_table)
+    log.info("%s: %d anatomies present, %d complete", args.case, tab["present"].sum(), tab["complete"].sum())
+
+
+def cmd_preprocess(args):
+    from . import imaging
+
+    s = _settings(args)["preprocess"]
+    row = _manifest_row(args.manifest, args.case)
+    Path(args.out_image).parent.mkdir(parents=True, exist_ok=True)
+    meta = imaging.preprocess_case(args.case, row["image_path"], args.anatomy, s["spacing"], s["hu_window"],
+                                   args.out_image, args.out_anatomy, args.out_meta)
+    log.info("%s: %s @ %s mm -> %s @ %s mm", args.case, meta["original_size"],
+             [round(v, 2) for v in meta["original_spacing"]], meta["size"], meta["spacing"])
+
+
+def cmd_reports(args):
+    from .reports import write_reports
+
+    s = _settings(args)["reports"]
+    if s["backend"] != "rules":
+        raise SystemExit(f"report backend {s['backend']!r} is not available")
+    write_reports(args.manifest, args.out, s["catalog"])
+
+
+def cmd_train(args):
+    from .train import train
+
+    s = _settings(args)
+    summary = train(args.manifest, args.reports, args.results, args.out_dir, s["model"], s["train"], s["seed"])
+    log.info("trained %d steps; final validation loss %.4f", summary["steps"], summary["final_val_loss"])
+
+
+def cmd_evaluate(args):
+    from . import evaluate
+
+    s = _settings(args)
+    pred = evaluate.predict(args.model, args.manifest, args.results, args.ground_truth,
+                            s["evaluate"]["catalog"], s["train"]["device"])
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred.write_parquet(out / "predictions.parquet")
+    table = evaluate.metrics_table(pred, s["evaluate"]["threshold"])
+    paths = evaluate.write_tables(table, out)
+    print(paths["md"].read_text())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="ctvlp", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", default="config.yaml", help="config YAML (default: config.yaml)")
+        p.add_argument("--params", default=None, help="config sections as JSON (used by Snakemake)")
+        p.set_defaults(func=func)
+        return p
+
+    add("validate-config", cmd_validate_config, "validate a config and print it with defaults")
+    p = add("demo-data", cmd_demo_data, "write the built-in synthetic cohort")
+    p.add_argument("--out", required=True, help="output folder (manifest.parquet, images/, masks/)")
+    for name, func, help_ in (("segment", cmd_segment, "group a case's organ mask into the 36 anatomies"),
+                              ("preprocess", cmd_preprocess, "resample and scale one case")):
+        p = add(name, func, help_)
+        p.add_argument("--case", required=True)
+        p.add_argument("--manifest", required=True)
+        if name == "segment":
+            p.add_argument("--out-map", required=True, help="anatomy label map (NIfTI)")
+            p.add_argument("--out-table", required=True, help="per-anatomy table (Parquet)")
+        else:
+            p.add_argument("--anatomy", required=True, help="anatomy label map from `ctvlp segment`")
+            p.add_argument("--out-image", required=True)
+            p.add_argument("--out-anatomy", required=True)
+            p.add_argument("--out-meta", required=True)
+    p = add("reports", cmd_reports, "parse reports into per-anatomy text and status")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p = add("train", cmd_train, "anatomy-wise image-report alignment")
+    for a in ("--manifest", "--reports", "--results", "--out-dir"):
+        p.add_argument(a, required=True)
+    p = add("evaluate", cmd_evaluate, "zero-shot diagnosis tables")
+    for a in ("--model", "--manifest", "--results", "--ground-truth", "--out-dir"):
+        p.add_argument(a, required=True)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except cfgmod.ConfigError as e:
+        sys.exit(str(e))
+
+
+if __name__ == "__main__":
+    main()

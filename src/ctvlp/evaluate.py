@@ -1,0 +1,130 @@
+"""Zero-shot diagnosis: per-anatomy embeddings vs positive/negative disease prompts.
+
+The operating threshold of each disease is chosen on the validation split and applied unchanged
+to the test split; test labels never influence it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from tabulate import tabulate
+from tqdm import tqdm
+
+from . import catalog, data
+from .model import pad_to_multiple, prompt_embedding, zero_shot_scores
+from .train import load_model, pick_device
+
+METRICS = ["auc", "sensitivity", "specificity", "accuracy", "precision", "f1"]
+
+
+@torch.no_grad()
+def embed_cases(model, results, case_ids, device) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Whole-volume anatomy embeddings per case: (M, D) array and (M,) evaluable flags."""
+    out = {}
+    for case_id in tqdm(case_ids, desc="embed", unit="case"):
+        p = data.case_paths(results, case_id)
+        img = pad_to_multiple(np.load(p.image).astype(np.float32), model.vision.stride)
+        anat = pad_to_multiple(np.load(p.anatomy), model.vision.stride)
+        emb, _ = model.encode_image(torch.from_numpy(img)[None, None].to(device),
+                                    torch.from_numpy(anat)[None].to(device))
+        complete = pl.read_parquet(p.table).sort("index")["complete"].to_numpy()
+        out[case_id] = (emb[0].float().cpu().numpy(), complete)
+    return out
+
+
+@torch.no_grad()
+def predict(model_dir, manifest, results, ground_truth, disease_catalog: str, device="auto") -> pl.DataFrame:
+    """One row per (case in val/test, disease): score, or evaluable=False with the reason."""
+    device = pick_device(device)
+    model = load_model(model_dir, device)
+    man = pl.read_parquet(manifest).filter(pl.col("split").is_in(["val", "test"]))
+    gt = pl.read_parquet(ground_truth)
+    embs = embed_cases(model, results, man["case_id"].to_list(), device)
+    rows = []
+    for d in catalog.diseases(disease_catalog):
+        if not d.zero_shot:
+            continue
+        a = catalog.anatomy_by_name(d.anatomy)
+        pos = prompt_embedding(model, d.positive_prompts, a.index - 1)
+        neg = prompt_embedding(model, d.negative_prompts, a.index - 1)
+        for case_id, split in man.select("case_id", "split").iter_rows():
+            emb, complete = embs[case_id]
+            ok = bool(complete[a.index - 1])
+            score = None
+            if ok:
+                score = float(zero_shot_scores(torch.from_numpy(emb[a.index - 1:a.index]).to(device),
+                                               pos, neg, model.logit_scale)[0])
+            rows.append({"case_id": case_id, "split": split, "disease_id": d.id, "disease": d.name,
+                         "anatomy": d.anatomy, "organ": d.organ, "type": d.type, "evaluable": ok,
+                         "reason": None if ok else "anatomy absent or incomplete in the scan", "score": score})
+    pred = pl.DataFrame(rows)
+    labels = gt.select("case_id", "disease_id", pl.col("label").cast(pl.Int8))
+    pred = pred.join(labels, on=["case_id", "disease_id"], how="left")
+    missing = pred.filter(pl.col("label").is_null())
+    if len(missing):
+        raise ValueError(f"ground truth lacks {len(missing)} (case, disease) pairs, e.g. "
+                         f"{missing.row(0, named=True)['case_id']}/{missing.row(0, named=True)['disease_id']}")
+    return pred
+
+
+def choose_threshold(y: np.ndarray, score: np.ndarray, rule: str = "youden") -> float:
+    """Operating point on one split: Youden's J or the ROC point closest to (0, 1)."""
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, score)
+    thr = np.clip(thr, 0.0, 1.0)  # sklearn's first threshold is +inf
+    k = np.argmax(tpr - fpr) if rule == "youden" else np.argmin(fpr**2 + (1 - tpr) ** 2)
+    return float(thr[k])
+
+
+def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict:
+    pred = (score >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    div = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
+    sens, prec = div(tp, tp + fn), div(tp, tp + fp)
+    return {
+        "auc": float(roc_auc_score(y, score)) if len(np.unique(y)) == 2 else float("nan"),
+        "sensitivity": sens, "specificity": div(tn, tn + fp), "accuracy": div(tp + tn, len(y)),
+        "precision": prec, "f1": div(2 * prec * sens, prec + sens) if tp else 0.0,
+    }
+
+
+def metrics_table(pred: pl.DataFrame, rule: str = "youden") -> pl.DataFrame:
+    rows = []
+    for (disease_id,), g in pred.group_by(["disease_id"], maintain_order=True):
+        first = g.row(0, named=True)
+        ev = g.filter(pl.col("evaluable"))
+        val, test = ev.filter(pl.col("split") == "val"), ev.filter(pl.col("split") == "test")
+        thr = choose_threshold(val["label"].to_numpy(), val["score"].to_numpy(), rule)
+        m = binary_metrics(test["label"].to_numpy(), test["score"].to_numpy(), thr) if len(test) else {
+            k: float("nan") for k in METRICS}
+        rows.append({"disease_id": disease_id, "disease": first["disease"], "organ": first["organ"],
+                     "type": first["type"], **m, "threshold": thr,
+                     "test_positives": int(test["label"].sum()), "test_evaluable": len(test),
+                     "test_not_evaluable": int((g["split"] == "test").sum()) - len(test)})
+    return pl.DataFrame(rows)
+
+
+def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot") -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mean = table.select(pl.lit("mean").alias("disease_id"), pl.lit("mean").alias("disease"),
+                        pl.lit("").alias("organ"), pl.lit("").alias("type"),
+                        *[pl.col(c).mean() for c in METRICS], pl.lit(None, dtype=pl.Float64).alias("threshold"),
+                        pl.col("test_positives").sum(), pl.col("test_evaluable").sum(),
+                        pl.col("test_not_evaluable").sum())
+    full = pl.concat([table, mean], how="vertical_relaxed")
+    paths = {"csv": out_dir / f"{stem}.csv", "parquet": out_dir / f"{stem}.parquet", "md": out_dir / f"{stem}.md"}
+    full.write_csv(paths["csv"])
+    full.write_parquet(paths["parquet"])
+    paths["md"].write_text(markdown(full))
+    return paths
+
+
+def markdown(df: pl.DataFrame) -> str:
+    return tabulate(df.rows(), headers=df.columns, tablefmt="github", floatfmt=".3f", missingval="n/a") + "\n"

@@ -1,0 +1,33 @@
+import json
+
+import polars as pl
+
+from ctvlp.config import validate as validate_config
+
+# Fill defaults and stop at start with the offending key on any unknown key or wrong type.
+config.update(validate_config(config))
+
+
+def R(path):
+    """A path under the configured results folder."""
+    return f"{config['results']}/{path}"
+
+
+def settings(*sections):
+    """Config sections as JSON for `ctvlp --params`; a change re-runs only rules that use them."""
+    return json.dumps({s: config[s] for s in sections}, sort_keys=True)
+
+
+def case_ids():
+    manifest = checkpoints.cohort.get().output.manifest
+    return pl.read_parquet(manifest, columns=["case_id"])["case_id"].to_list()
+
+
+def all_cases(pattern):
+    def inner(wildcards):
+        return [R(pattern.format(case=c)) for c in case_ids()]
+
+    return inner
+
+
+TRAIN_GPU = 1 if config["train"]["device"].startswith("cuda") else 0

@@ -1,0 +1,32 @@
+rule evaluate_zeroshot:
+    input:
+        weights=R("train/align/model.safetensors"),
+        config=R("train/align/config.json"),
+        manifest=R("cohort/manifest.parquet"),
+        ground_truth=R("cohort/ground_truth.parquet"),
+        images=all_cases("preprocessed/{case}.image.npy"),
+        tables=all_cases("segment/{case}.anatomies.parquet"),
+    output:
+        table=report(R("eval/zeroshot.md"), caption="../report/zeroshot.rst", category="Zero-shot diagnosis"),
+        csv=R("eval/zeroshot.csv"),
+        parquet=R("eval/zeroshot.parquet"),
+        predictions=R("eval/predictions.parquet"),
+    params:
+        settings=settings("evaluate", "train", "model"),
+        model_dir=R("train/align"),
+        results=config["results"],
+        out_dir=R("eval"),
+    log:
+        R("logs/evaluate_zeroshot.log"),
+    benchmark:
+        R("benchmarks/evaluate_zeroshot.tsv")
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=4000,
+        gpu=TRAIN_GPU,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "ctvlp evaluate --params {params.settings:q} --model {params.model_dir:q} --manifest {input.manifest:q}"
+        " --results {params.results:q} --ground-truth {input.ground_truth:q} --out-dir {params.out_dir:q}"
+        " > {log:q} 2>&1"

@@ -1,0 +1,18 @@
+rule reports:
+    input:
+        manifest=R("cohort/manifest.parquet"),
+    output:
+        R("reports/reports.parquet"),
+    params:
+        settings=settings("reports"),
+    log:
+        R("logs/reports.log"),
+    benchmark:
+        R("benchmarks/reports.tsv")
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/reports.yaml"
+    shell:
+        "ctvlp reports --params {params.settings:q} --manifest {input.manifest:q} --out {output:q} > {log:q} 2>&1"
