@@ -1,0 +1,82 @@
+import numpy as np
+import polars as pl
+import pytest
+from sklearn import metrics as skm
+
+from ctvlp import evaluate
+
+
+def _pred(seed=0, n=120, diseases=("a", "b")):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d in diseases:
+        for i in range(n):
+            y = int(rng.random() < 0.3)
+            split = "val" if i < n // 2 else "test"
+            ok = i % 17 != 0  # a few not evaluable
+            rows.append({"case_id": f"c{i}", "split": split, "disease_id": d, "disease": d, "anatomy": "liver",
+                         "organ": "liver", "type": "local", "evaluable": ok,
+                         "score": float(np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2), 0, 1)) if ok else None,
+                         "label": y})
+    return pl.DataFrame(rows)
+
+
+def test_binary_metrics_match_scikit_learn():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    s = rng.random(200) * 0.5 + 0.4 * y
+    thr = 0.55
+    m = evaluate.binary_metrics(y, s, thr)
+    pred = (s >= thr).astype(int)
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y, s))
+    assert m["sensitivity"] == pytest.approx(skm.recall_score(y, pred))
+    assert m["specificity"] == pytest.approx(skm.recall_score(1 - y, 1 - pred))
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+
+
+def test_youden_threshold_maximises_j_on_its_split():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 300)
+    s = rng.random(300) + 0.5 * y
+    thr = evaluate.choose_threshold(y, s, "youden")
+    j = lambda t: skm.recall_score(y, s >= t) + skm.recall_score(1 - y, s < t) - 1  # noqa: E731
+    assert all(j(thr) >= j(t) - 1e-12 for t in np.unique(s))
+
+
+def test_threshold_never_sees_test_labels():
+    pred = _pred()
+    table = evaluate.metrics_table(pred)
+    flipped = pred.with_columns(
+        pl.when(pl.col("split") == "test").then(1 - pl.col("label")).otherwise(pl.col("label")).alias("label"))
+    table2 = evaluate.metrics_table(flipped)
+    assert table["threshold"].to_list() == table2["threshold"].to_list()
+    assert table["auc"].to_list() != table2["auc"].to_list()  # the test metrics did change
+
+
+def test_not_evaluable_cases_are_counted_not_scored():
+    table = evaluate.metrics_table(_pred())
+    row = table.row(0, named=True)
+    n_test = 60
+    expected_missing = sum(1 for i in range(60, 120) if i % 17 == 0)
+    assert row["test_not_evaluable"] == expected_missing
+    assert row["test_evaluable"] == n_test - expected_missing
+
+
+def test_tables_equal_recomputation_from_predictions(tmp_path):
+    pred = _pred(seed=9)
+    table = evaluate.metrics_table(pred)
+    paths = evaluate.write_tables(table, tmp_path)
+    csv = pl.read_csv(paths["csv"])
+    for d in ("a", "b"):
+        g = pred.filter((pl.col("disease_id") == d) & pl.col("evaluable"))
+        val, test = g.filter(pl.col("split") == "val"), g.filter(pl.col("split") == "test")
+        thr = evaluate.choose_threshold(val["label"].to_numpy(), val["score"].to_numpy())
+        auc = skm.roc_auc_score(test["label"].to_numpy(), test["score"].to_numpy())
+        row = csv.filter(pl.col("disease_id") == d).row(0, named=True)
+        assert row["auc"] == pytest.approx(auc) and row["threshold"] == pytest.approx(thr)
+    mean = csv.filter(pl.col("disease_id") == "mean").row(0, named=True)
+    assert mean["auc"] == pytest.approx(table["auc"].mean())
+    md = paths["md"].read_text()
+    assert md.count("\n") == len(table) + 3 and f"{table['auc'][0]:.3f}" in md
