@@ -62,7 +62,7 @@ def predict(model_dir, manifest, results, ground_truth, disease_catalog: str, de
             rows.append({"case_id": case_id, "split": split, "disease_id": d.id, "disease": d.name,
                          "anatomy": d.anatomy, "organ": d.organ, "type": d.type, "evaluable": ok,
                          "reason": None if ok else "anatomy absent or incomplete in the scan", "score": score})
-    pred = pl.DataFrame(rows)
+    pred = pl.DataFrame(rows, infer_schema_length=None)
     labels = gt.select("case_id", "disease_id", pl.col("label").cast(pl.Int8))
     pred = pred.join(labels, on=["case_id", "disease_id"], how="left")
     missing = pred.filter(pl.col("label").is_null())

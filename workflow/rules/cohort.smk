@@ -4,7 +4,7 @@ checkpoint cohort:
         ground_truth=R("cohort/ground_truth.parquet"),
     params:
         settings=settings("cohort", "seed"),
-        out=R("cohort"),
+        out=parent_of("manifest"),
     log:
         R("logs/cohort.log"),
     benchmark:

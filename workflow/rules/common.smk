@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import polars as pl
 
@@ -26,6 +27,16 @@ def case_ids():
 def all_cases(pattern):
     def inner(wildcards):
         return [R(pattern.format(case=c)) for c in case_ids()]
+
+    return inner
+
+
+def parent_of(name, up=0):
+    """Param function: the folder of a rule's input/output file (lint-clean, no hardcoded prefix)."""
+
+    def inner(wildcards, input=None, output=None):
+        files = input if name in input.keys() else output
+        return str(Path(files[name]).parents[up])
 
     return inner
 

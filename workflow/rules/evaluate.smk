@@ -13,9 +13,9 @@ rule evaluate_zeroshot:
         predictions=R("eval/predictions.parquet"),
     params:
         settings=settings("evaluate", "train", "model"),
-        model_dir=R("train/align"),
-        results=config["results"],
-        out_dir=R("eval"),
+        model_dir=parent_of("weights"),
+        results=parent_of("manifest", up=1),
+        out_dir=parent_of("table"),
     log:
         R("logs/evaluate_zeroshot.log"),
     benchmark:

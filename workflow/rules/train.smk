@@ -12,8 +12,8 @@ rule train_align:
         metrics=report(R("train/align/metrics.csv"), caption="../report/train_metrics.rst", category="Training"),
     params:
         settings=settings("model", "train", "seed"),
-        results=config["results"],
-        out_dir=R("train/align"),
+        results=parent_of("manifest", up=1),
+        out_dir=parent_of("weights"),
     log:
         R("logs/train_align.log"),
     benchmark:
