@@ -12,7 +12,9 @@ def _hu(scaled, window=(-1000, 1000)):
 
 
 def _segment_and_preprocess(tmp_path, image, seg, spacing=(3.0, 3.0, 3.0)):
-    table = imaging.segment_case("c", seg, "v2", 10, tmp_path / "anat.nii.gz", tmp_path / "anat.parquet")
+    case = {"case_id": "c", "image_path": str(image), "mask_path": str(seg)}
+    cfg = {"backend": "phantom", "class_version": "v2", "min_voxels": 10}
+    table = imaging.segment_case(case, cfg, tmp_path / "anat.nii.gz", tmp_path / "anat.parquet")
     meta = imaging.preprocess_case("c", image, tmp_path / "anat.nii.gz", spacing, (-1000, 1000),
                                    tmp_path / "img.npy", tmp_path / "anat.npy", tmp_path / "meta.json")
     return table, meta, np.load(tmp_path / "img.npy"), np.load(tmp_path / "anat.npy")

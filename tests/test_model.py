@@ -107,6 +107,15 @@ def test_token_masks_follow_the_anatomy(small_model):
     assert masks.sum() == 1
 
 
+def test_token_masks_equal_max_pooling_of_one_hot():
+    torch.manual_seed(3)
+    anat = torch.randint(0, N_ANATOMIES + 1, (2, 32, 16, 48), dtype=torch.uint8)
+    anat[:, :, :, :20] = 0
+    onehot = torch.nn.functional.one_hot(anat.long(), N_ANATOMIES + 1)[..., 1:].permute(0, 4, 1, 2, 3).float()
+    ref = torch.nn.functional.adaptive_max_pool3d(onehot, (2, 1, 3)).reshape(2, N_ANATOMIES, -1) > 0
+    assert torch.equal(CTVLP.token_masks(anat, (2, 1, 3)), ref)
+
+
 def test_embeddings_are_normalised_and_text_path_works(small_model):
     img = torch.rand(2, 1, 32, 32, 32)
     anat = torch.randint(0, N_ANATOMIES + 1, (2, 32, 32, 32), dtype=torch.uint8)

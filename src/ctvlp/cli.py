@@ -48,16 +48,41 @@ def cmd_demo_data(args):
     log.info("wrote %s", path)
 
 
+def cmd_cohort(args):
+    s = _settings(args)
+    c = s["cohort"]
+    if c["source"] == "demo":
+        return cmd_demo_data(args)
+    from . import ingest
+
+    if c["source"] == "ctrate":
+        o = c["ctrate"]
+        missing = [k for k in ("volumes_root", "metadata_csv", "reports_csv") if not o[k]]
+        if missing:
+            raise SystemExit(f"cohort.source ctrate needs cohort.ctrate.{', cohort.ctrate.'.join(missing)}")
+        man, gt, exc = ingest.ctrate(o["volumes_root"], o["metadata_csv"], o["reports_csv"], o["labels_csv"],
+                                     split=o["split"], one_recon_per_scan=o["one_recon_per_scan"],
+                                     val_fraction=o["val_fraction"], seed=s["seed"])
+    else:
+        o = c["table"]
+        if not o["path"]:
+            raise SystemExit("cohort.source table needs cohort.table.path")
+        man, gt, exc = ingest.table(o["path"], image_col=o["image_col"], report_col=o["report_col"],
+                                    id_col=o["id_col"], split_col=o["split_col"], label_cols=o["label_cols"],
+                                    split_fractions=tuple(c["split"]), seed=s["seed"],
+                                    patient_col=o["patient_col"], mask_col=o["mask_col"],
+                                    disease_catalog=s["evaluate"]["catalog"])
+    ingest.write(man, gt, exc, args.out)
+    log.info("%d cases in the manifest, %d exclusions (see %s/exclusions.parquet)", len(man), len(exc), args.out)
+
+
 def cmd_segment(args):
     from . import imaging
 
     s = _settings(args)["segment"]
     row = _manifest_row(args.manifest, args.case)
-    if s["backend"] != "phantom":
-        raise SystemExit(f"segment backend {s['backend']!r} is not available")
     Path(args.out_map).parent.mkdir(parents=True, exist_ok=True)
-    tab = imaging.segment_case(args.case, row["mask_path"], s["class_version"], s["min_voxels"],
-                               args.out_map, args.out_table)
+    tab = imaging.segment_case(row, s, args.out_map, args.out_table)
     log.info("%s: %d anatomies present, %d complete", args.case, tab["present"].sum(), tab["complete"].sum())
 
 
@@ -117,6 +142,8 @@ def main(argv=None):
         return p
 
     add("validate-config", cmd_validate_config, "validate a config and print it with defaults")
+    p = add("cohort", cmd_cohort, "write the cohort manifest from the configured source (demo, ctrate, table)")
+    p.add_argument("--out", required=True, help="output folder (manifest.parquet, ground_truth.parquet, ...)")
     p = add("demo-data", cmd_demo_data, "write the built-in synthetic cohort")
     p.add_argument("--out", required=True, help="output folder (manifest.parquet, images/, masks/)")
     for name, func, help_ in (("segment", cmd_segment, "group a case's organ mask into the 36 anatomies"),

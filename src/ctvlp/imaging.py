@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import SimpleITK as sitk
-from scipy import ndimage
 
 from . import catalog
 
@@ -60,6 +59,8 @@ def anatomy_table(anatomy: np.ndarray, spacing, case_id: str, min_voxels: int = 
 
     An anatomy touching a border of the scan is marked incomplete (the scan cuts it off).
     """
+    from scipy import ndimage  # imported here: it is slow to import and only this function needs it
+
     n_anat = len(catalog.anatomies())
     counts = np.bincount(anatomy.ravel(), minlength=n_anat + 1)
     boxes = ndimage.find_objects(anatomy, max_label=n_anat)  # one pass for all bounding boxes
@@ -77,13 +78,15 @@ def anatomy_table(anatomy: np.ndarray, spacing, case_id: str, min_voxels: int = 
     return pl.DataFrame(rows)
 
 
-def segment_case(case_id: str, mask_path: str | Path, version: str, min_voxels: int,
-                 out_map: str | Path, out_table: str | Path) -> pl.DataFrame:
-    """Group a multilabel class mask into anatomies; write the anatomy map and its table."""
-    class_map = read_image(mask_path)
-    anat = group_classes(class_map, version)
+def segment_case(case: dict, cfg: dict, out_map: str | Path, out_table: str | Path) -> pl.DataFrame:
+    """Get the case's TotalSegmentator class map from the configured backend, group it into
+    anatomies, and write the anatomy map (on the image grid) and its per-anatomy table."""
+    from .segmentation import class_map
+
+    classes, version = class_map(cfg["backend"], case, cfg)
+    anat = group_classes(classes, version)
     sitk.WriteImage(anat, str(out_map), useCompression=True)
-    table = anatomy_table(to_xyz(anat), class_map.GetSpacing(), case_id, min_voxels)
+    table = anatomy_table(to_xyz(anat), classes.GetSpacing(), case["case_id"], cfg["min_voxels"])
     table.write_parquet(out_table)
     return table
 

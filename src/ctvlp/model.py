@@ -58,12 +58,21 @@ class VisionEncoder(nn.Module):
 class QueryPool(nn.Module):
     """One learnable query per anatomy attends over that anatomy's tokens (cross-attention)."""
 
-    def __init__(self, n_queries: int, dim: int, heads: int):
+    def __init__(self, n_queries: int, dim: int, heads: int, init_mean: bool = False):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(n_queries, dim) * dim**-0.5)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.heads = heads
+        if init_mean:
+            # Start as the encoder's own mean pooling: zero queries attend uniformly, and identity
+            # value/output maps pass the mean token through, keeping a pretrained text geometry.
+            with torch.no_grad():
+                self.queries.zero_()
+                self.attn.in_proj_weight[2 * dim:].copy_(torch.eye(dim))
+                self.attn.in_proj_bias.zero_()
+                self.attn.out_proj.weight.copy_(torch.eye(dim))
+                self.attn.out_proj.bias.zero_()
 
     def forward(self, tokens: torch.Tensor, allowed: torch.Tensor, query_idx: torch.Tensor | None = None):
         """tokens (B, N, C); allowed (B, Q, N) bool, which tokens each query may see.
@@ -86,9 +95,13 @@ class QueryPool(nn.Module):
 class AnatomyProjection(nn.Module):
     """A separate linear projection per anatomy."""
 
-    def __init__(self, n: int, dim_in: int, dim_out: int):
+    def __init__(self, n: int, dim_in: int, dim_out: int, shared_orthogonal: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(n, dim_in, dim_out) * dim_in**-0.5)
+        if shared_orthogonal:  # one orthogonal map for all anatomies: preserves the input geometry
+            w = nn.init.orthogonal_(torch.empty(dim_in, dim_out)).expand(n, -1, -1).clone()
+        else:
+            w = torch.randn(n, dim_in, dim_out) * dim_in**-0.5
+        self.weight = nn.Parameter(w)
         self.bias = nn.Parameter(torch.zeros(n, dim_out))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -98,7 +111,8 @@ class AnatomyProjection(nn.Module):
 
 class CTVLP(nn.Module):
     def __init__(self, widths=(64, 128, 256, 512), stem_stride=2, embed_dim=512, heads=4,
-                 text_model=None, train_text_encoder=False, temperature=0.07, text_max_length=128):
+                 text_model=None, train_text_encoder=False, temperature=0.07, text_max_length=128,
+                 train_text_head=True):
         super().__init__()
         m = N_ANATOMIES
         self.vision = VisionEncoder(widths, stem_stride)
@@ -110,18 +124,28 @@ class CTVLP(nn.Module):
         self.train_text_encoder = train_text_encoder
         self.text_max_length = text_max_length
         ct = self.text_encoder.config.hidden_size
-        self.txt_pool = QueryPool(m, ct, _heads_for(ct, heads))
-        self.txt_proj = AnatomyProjection(m, ct, embed_dim)
+        self.txt_pool = QueryPool(m, ct, _heads_for(ct, heads), init_mean=True)
+        self.txt_proj = AnatomyProjection(m, ct, embed_dim, shared_orthogonal=True)
+        self.txt_pool.requires_grad_(train_text_head)
+        self.txt_proj.requires_grad_(train_text_head)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
     # ---- vision -------------------------------------------------------------------------
-    def token_masks(self, anatomy: torch.Tensor, feat_shape) -> torch.Tensor:
-        """(B, X, Y, Z) anatomy map -> (B, M, N) bool: feature cells that hold any voxel of each anatomy."""
-        b = anatomy.shape[0]
-        onehot = F.one_hot(anatomy.long(), N_ANATOMIES + 1)[..., 1:]  # (B, X, Y, Z, M)
-        onehot = onehot.permute(0, 4, 1, 2, 3).to(torch.float16 if anatomy.is_cuda else torch.float32)
-        cells = F.adaptive_max_pool3d(onehot, feat_shape)  # (B, M, x, y, z)
-        return cells.reshape(b, N_ANATOMIES, -1) > 0
+    @staticmethod
+    def token_masks(anatomy: torch.Tensor, feat_shape) -> torch.Tensor:
+        """(B, X, Y, Z) anatomy map -> (B, M, N) bool: feature cells that hold any voxel of each anatomy.
+
+        Voxel x falls in cell floor(x * fx / X) (exact when X is a multiple of the stride); one
+        scatter of (label, cell) pairs marks every anatomy present in every cell.
+        """
+        b, dims = anatomy.shape[0], anatomy.shape[1:]
+        dev = anatomy.device
+        cx, cy, cz = (torch.arange(d, device=dev) * f // d for d, f in zip(dims, feat_shape))
+        cell = (cx[:, None, None] * feat_shape[1] + cy[None, :, None]) * feat_shape[2] + cz[None, None, :]
+        n_cells = int(np.prod(feat_shape))
+        flat = torch.zeros(b, (N_ANATOMIES + 1) * n_cells, dtype=torch.bool, device=dev)
+        flat.scatter_(1, (anatomy.long() * n_cells + cell).reshape(b, -1), True)
+        return flat.view(b, N_ANATOMIES + 1, n_cells)[:, 1:]
 
     def encode_image(self, image: torch.Tensor, anatomy: torch.Tensor):
         """image (B, 1, X, Y, Z) in [0, 1]; anatomy (B, X, Y, Z) -> (B, M, D) L2-normalised, tokens."""

@@ -18,7 +18,7 @@ from . import data
 from .model import CTVLP, alignment_loss, calibrated_targets
 
 MODEL_KEYS = ("widths", "stem_stride", "embed_dim", "heads", "text_model", "train_text_encoder",
-              "temperature", "text_max_length")
+              "temperature", "text_max_length", "train_text_head")
 
 
 def pick_device(name: str) -> torch.device:

@@ -3,7 +3,9 @@ checkpoint cohort:
         manifest=R("cohort/manifest.parquet"),
         ground_truth=R("cohort/ground_truth.parquet"),
     params:
-        settings=settings("cohort", "seed"),
+        # the disease catalog matters here only to match label columns
+        settings=json.dumps({"cohort": config["cohort"], "seed": config["seed"],
+                             "evaluate": {"catalog": config["evaluate"]["catalog"]}}, sort_keys=True),
         out=parent_of("manifest"),
     log:
         R("logs/cohort.log"),
@@ -15,4 +17,4 @@ checkpoint cohort:
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "ctvlp demo-data --params {params.settings:q} --out {params.out:q} > {log:q} 2>&1"
+        "ctvlp cohort --params {params.settings:q} --out {params.out:q} > {log:q} 2>&1"
