@@ -11,16 +11,7 @@ import pytest
 
 from ctvlp import catalog, imaging, ingest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TS = SHARED / "data" / "real_ct" / "totalsegmentator"
-PYRAD = SHARED / "data" / "real_ct" / "pyradiomics"
-
-
-@pytest.fixture(scope="module")
-def shared() -> Path:
-    if not (TS / "example_ct_sm.nii.gz").is_file():
-        pytest.skip(f"shared real CT data not found at {TS} (../shared sits beside the repo in CI)")
-    return SHARED
+from conftest import PYRAD, TS
 
 
 def _link(src: Path, dst: Path) -> Path:

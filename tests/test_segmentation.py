@@ -13,15 +13,7 @@ import SimpleITK as sitk
 
 from ctvlp import catalog, imaging, segmentation
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TS = SHARED / "data" / "real_ct" / "totalsegmentator"
-
-
-@pytest.fixture(scope="module")
-def ts() -> Path:
-    if not (TS / "example_seg_dicom.nii.gz").is_file():
-        pytest.skip(f"shared real CT data not found at {TS} (../shared sits beside the repo in CI)")
-    return TS
+from conftest import TS
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
