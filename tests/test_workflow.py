@@ -24,7 +24,8 @@ TINY = {
     "seed": 1,
     "cohort": {"n_cases": 24, "split": [0.5, 0.25, 0.25]},
     "preprocess": {"spacing": [8.0, 8.0, 8.0]},
-    "model": {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32},
+    "model": {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32, "token_stage": 3,
+              "train_text_head": False},
     "train": {"epochs": 2, "batch_size": 4, "crop_size": [40, 32, 48], "lr": 1e-3, "threads": 2},
 }
 

@@ -102,9 +102,16 @@ def cmd_reports(args):
     from .reports import write_reports
 
     s = _settings(args)["reports"]
-    if s["backend"] != "rules":
-        raise SystemExit(f"report backend {s['backend']!r} is not available")
-    write_reports(args.manifest, args.out, s["catalog"])
+    if s["backend"] == "rules":
+        write_reports(args.manifest, args.out, s["catalog"])
+        return
+    from .reports_llm import write_reports_llm
+
+    cfg = {**s["llm"], "catalog": s["catalog"]}
+    if not cfg["model"]:
+        raise SystemExit("reports.backend llm needs reports.llm.model (the served model name)")
+    cfg["cache_dir"] = cfg["cache_dir"] or str(Path(args.out).parent / "llm_cache")
+    write_reports_llm(args.manifest, args.out, cfg)
 
 
 def cmd_train(args):

@@ -39,20 +39,30 @@ def load_text_encoder(path: str | Path | None):
 
 
 class VisionEncoder(nn.Module):
-    """3D ResNet18 (MONAI) trunk returning the last feature map; stride 8 * stem_stride."""
+    """3D ResNet18 (MONAI) trunk returning the feature map that anatomy tokens come from.
 
-    def __init__(self, widths=(64, 128, 256, 512), stem_stride: int = 2):
+    token_stage 4: the last stage's map (stride 8 * stem_stride), as in the paper.
+    token_stage 3: the third stage's map (stride 4 * stem_stride) concatenated with the last
+    stage's map upsampled onto it: twice the token resolution for small organs and lesions.
+    """
+
+    def __init__(self, widths=(64, 128, 256, 512), stem_stride: int = 2, token_stage: int = 4):
         super().__init__()
         self.net = ResNet(block="basic", layers=[2, 2, 2, 2], block_inplanes=list(widths), spatial_dims=3,
                           n_input_channels=1, conv1_t_size=7, conv1_t_stride=stem_stride,
                           no_max_pool=True, feed_forward=False)
-        self.out_channels = widths[-1]
-        self.stride = 8 * stem_stride
+        self.token_stage = token_stage
+        self.out_channels = widths[-1] if token_stage == 4 else widths[2] + widths[3]
+        self.stride = (8 if token_stage == 4 else 4) * stem_stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
         x = n.act(n.bn1(n.conv1(x)))
-        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        f3 = n.layer3(n.layer2(n.layer1(x)))
+        f4 = n.layer4(f3)
+        if self.token_stage == 4:
+            return f4
+        return torch.cat([f3, F.interpolate(f4, size=f3.shape[2:], mode="nearest")], dim=1)
 
 
 class QueryPool(nn.Module):
@@ -110,12 +120,12 @@ class AnatomyProjection(nn.Module):
 
 
 class CTVLP(nn.Module):
-    def __init__(self, widths=(64, 128, 256, 512), stem_stride=2, embed_dim=512, heads=4,
+    def __init__(self, widths=(64, 128, 256, 512), stem_stride=2, token_stage=4, embed_dim=512, heads=4,
                  text_model=None, train_text_encoder=False, temperature=0.07, text_max_length=128,
                  train_text_head=True):
         super().__init__()
         m = N_ANATOMIES
-        self.vision = VisionEncoder(widths, stem_stride)
+        self.vision = VisionEncoder(widths, stem_stride, token_stage)
         cv = self.vision.out_channels
         self.vis_pool = QueryPool(m, cv, _heads_for(cv, heads))
         self.vis_proj = AnatomyProjection(m, cv, embed_dim)

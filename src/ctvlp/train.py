@@ -17,7 +17,7 @@ from tqdm import tqdm
 from . import data
 from .model import CTVLP, alignment_loss, calibrated_targets
 
-MODEL_KEYS = ("widths", "stem_stride", "embed_dim", "heads", "text_model", "train_text_encoder",
+MODEL_KEYS = ("widths", "stem_stride", "token_stage", "embed_dim", "heads", "text_model", "train_text_encoder",
               "temperature", "text_max_length", "train_text_head")
 
 
