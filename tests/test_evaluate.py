@@ -47,16 +47,16 @@ def test_youden_threshold_maximises_j_on_its_split():
 
 def test_threshold_never_sees_test_labels():
     pred = _pred()
-    table = evaluate.metrics_table(pred)
+    table, _ = evaluate.metrics_table(pred, n_resamples=0)
     flipped = pred.with_columns(
         pl.when(pl.col("split") == "test").then(1 - pl.col("label")).otherwise(pl.col("label")).alias("label"))
-    table2 = evaluate.metrics_table(flipped)
+    table2, _ = evaluate.metrics_table(flipped, n_resamples=0)
     assert table["threshold"].to_list() == table2["threshold"].to_list()
     assert table["auc"].to_list() != table2["auc"].to_list()  # the test metrics did change
 
 
 def test_not_evaluable_cases_are_counted_not_scored():
-    table = evaluate.metrics_table(_pred())
+    table, _ = evaluate.metrics_table(_pred(), n_resamples=0)
     row = table.row(0, named=True)
     n_test = 60
     expected_missing = sum(1 for i in range(60, 120) if i % 17 == 0)
@@ -66,8 +66,8 @@ def test_not_evaluable_cases_are_counted_not_scored():
 
 def test_tables_equal_recomputation_from_predictions(tmp_path):
     pred = _pred(seed=9)
-    table = evaluate.metrics_table(pred)
-    paths = evaluate.write_tables(table, tmp_path)
+    table, mean_ci = evaluate.metrics_table(pred, n_resamples=200)
+    paths = evaluate.write_tables(table, tmp_path, mean_ci=mean_ci)
     csv = pl.read_csv(paths["csv"])
     for d in ("a", "b"):
         g = pred.filter((pl.col("disease_id") == d) & pl.col("evaluable"))
@@ -80,3 +80,21 @@ def test_tables_equal_recomputation_from_predictions(tmp_path):
     assert mean["auc"] == pytest.approx(table["auc"].mean())
     md = paths["md"].read_text()
     assert md.count("\n") == len(table) + 3 and f"{table['auc'][0]:.3f}" in md
+
+
+def test_bootstrap_ci_covers_the_estimate_and_narrows_with_more_cases():
+    widths = []
+    for n in (60, 600):
+        pred = _pred(seed=4, n=n)
+        table, mean_ci = evaluate.metrics_table(pred, n_resamples=300, seed=1)
+        for row in table.iter_rows(named=True):
+            assert row["auc_ci_low"] <= row["auc"] <= row["auc_ci_high"]
+        assert mean_ci[0] <= table["auc"].mean() <= mean_ci[1]
+        widths.append(mean_ci[1] - mean_ci[0])
+    assert widths[1] < 0.6 * widths[0]  # ~1/sqrt(10) in theory
+
+
+def test_bootstrap_is_seeded():
+    pred = _pred(seed=2)
+    assert evaluate.bootstrap_auc(pred, 100, seed=3) == evaluate.bootstrap_auc(pred, 100, seed=3)
+    assert evaluate.bootstrap_auc(pred, 100, seed=3) != evaluate.bootstrap_auc(pred, 100, seed=4)

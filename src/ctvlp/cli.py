@@ -131,8 +131,8 @@ def cmd_evaluate(args):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred.write_parquet(out / "predictions.parquet")
-    table = evaluate.metrics_table(pred, s["evaluate"]["threshold"])
-    paths = evaluate.write_tables(table, out)
+    table, mean_ci = evaluate.metrics_table(pred, s["evaluate"]["threshold"], s["evaluate"]["bootstrap"], s["seed"])
+    paths = evaluate.write_tables(table, out, mean_ci=mean_ci)
     print(paths["md"].read_text())
 
 

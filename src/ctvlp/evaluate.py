@@ -94,7 +94,9 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict:
     }
 
 
-def metrics_table(pred: pl.DataFrame, rule: str = "youden") -> pl.DataFrame:
+def metrics_table(pred: pl.DataFrame, rule: str = "youden", n_resamples: int = 1000, seed: int = 0):
+    """Per-disease test metrics and 95% bootstrap CIs of AUC; returns (table, CI of the mean AUC)."""
+    ci, mean_ci = bootstrap_auc(pred, n_resamples, seed=seed) if n_resamples else ({}, (np.nan, np.nan))
     rows = []
     for (disease_id,), g in pred.group_by(["disease_id"], maintain_order=True):
         first = g.row(0, named=True)
@@ -103,19 +105,54 @@ def metrics_table(pred: pl.DataFrame, rule: str = "youden") -> pl.DataFrame:
         thr = choose_threshold(val["label"].to_numpy(), val["score"].to_numpy(), rule)
         m = binary_metrics(test["label"].to_numpy(), test["score"].to_numpy(), thr) if len(test) else {
             k: float("nan") for k in METRICS}
+        low, high = ci.get(disease_id, (float("nan"), float("nan")))
         rows.append({"disease_id": disease_id, "disease": first["disease"], "organ": first["organ"],
-                     "type": first["type"], **m, "threshold": thr,
+                     "type": first["type"], **m, "auc_ci_low": low, "auc_ci_high": high, "threshold": thr,
                      "test_positives": int(test["label"].sum()), "test_evaluable": len(test),
                      "test_not_evaluable": int((g["split"] == "test").sum()) - len(test)})
-    return pl.DataFrame(rows)
+    return pl.DataFrame(rows), mean_ci
 
 
-def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot") -> dict[str, Path]:
+def bootstrap_auc(pred: pl.DataFrame, n_resamples: int = 1000, level: float = 0.95, seed: int = 0):
+    """Percentile bootstrap over test CASES (one resample serves every disease, so the mean over
+    diseases keeps its within-case correlation). Returns ({disease_id: (low, high)}, (low, high) of
+    the mean AUC). A resample where a disease has one class only leaves that disease out of it."""
+    test = pred.filter((pl.col("split") == "test") & pl.col("evaluable"))
+    cases = np.array(sorted(set(test["case_id"].to_list())))
+    if len(cases) == 0:
+        return {}, (float("nan"), float("nan"))
+    col = {c: i for i, c in enumerate(cases)}
+    per = {}
+    for (d,), g in test.group_by(["disease_id"], maintain_order=True):
+        per[d] = (np.array([col[c] for c in g["case_id"]]), g["label"].to_numpy(), g["score"].to_numpy())
+    rng = np.random.default_rng(seed)
+    aucs = {d: [] for d in per}
+    means = []
+    for _ in range(n_resamples):
+        weight = np.bincount(rng.integers(0, len(cases), len(cases)), minlength=len(cases))
+        vals = []
+        for d, (idx, y, s) in per.items():
+            w = weight[idx]
+            yy, ss = np.repeat(y, w), np.repeat(s, w)
+            if len(np.unique(yy)) == 2:
+                v = roc_auc_score(yy, ss)
+                aucs[d].append(v)
+                vals.append(v)
+        if vals:
+            means.append(np.mean(vals))
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    ci = {d: tuple(np.percentile(v, q)) if v else (float("nan"), float("nan")) for d, v in aucs.items()}
+    return ci, tuple(np.percentile(means, q)) if means else (float("nan"), float("nan"))
+
+
+def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot",
+                 mean_ci=(float("nan"), float("nan"))) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mean = table.select(pl.lit("mean").alias("disease_id"), pl.lit("mean").alias("disease"),
                         pl.lit("").alias("organ"), pl.lit("").alias("type"),
-                        *[pl.col(c).mean() for c in METRICS], pl.lit(None, dtype=pl.Float64).alias("threshold"),
+                        *[pl.col(c).mean() for c in METRICS], pl.lit(mean_ci[0]).alias("auc_ci_low"),
+                        pl.lit(mean_ci[1]).alias("auc_ci_high"), pl.lit(None, dtype=pl.Float64).alias("threshold"),
                         pl.col("test_positives").sum(), pl.col("test_evaluable").sum(),
                         pl.col("test_not_evaluable").sum())
     full = pl.concat([table, mean], how="vertical_relaxed")

@@ -12,7 +12,7 @@ rule evaluate_zeroshot:
         parquet=R("eval/zeroshot.parquet"),
         predictions=R("eval/predictions.parquet"),
     params:
-        settings=settings("evaluate", "train", "model"),
+        settings=settings("evaluate", "train", "model", "seed"),
         model_dir=parent_of("weights"),
         results=parent_of("manifest", up=1),
         out_dir=parent_of("table"),
