@@ -27,6 +27,7 @@ TINY = {
     "model": {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32, "token_stage": 3,
               "train_text_head": False},
     "train": {"epochs": 2, "batch_size": 4, "crop_size": [40, 32, 48], "lr": 1e-3, "threads": 2},
+    "evaluate": {"bootstrap": 100},
 }
 
 
@@ -90,6 +91,8 @@ def test_outputs_hold_what_each_stage_promises(run):
         if t["label"].n_unique() == 2:
             assert row["auc"] == pytest.approx(roc_auc_score(t["label"], t["score"]))
     assert (r / "eval/zeroshot.md").read_text().count("|") > 20
+    mean = table.filter(pl.col("disease_id") == "mean").row(0, named=True)
+    assert mean["auc_ci_low"] <= mean["auc"] <= mean["auc_ci_high"]
     # every rule wrote a log and a benchmark
     assert (r / "logs/train_align.log").stat().st_size > 0
     assert (r / "benchmarks/train_align.tsv").read_text().startswith("s\t")
