@@ -94,6 +94,17 @@ def test_bootstrap_ci_covers_the_estimate_and_narrows_with_more_cases():
     assert widths[1] < 0.6 * widths[0]  # ~1/sqrt(10) in theory
 
 
+def test_mean_row_skips_undefined_metrics(tmp_path):
+    pred = _pred(seed=6, diseases=("a", "b", "c"))
+    pred = pred.with_columns(pl.when((pl.col("disease_id") == "c") & (pl.col("split") == "test"))
+                             .then(0).otherwise(pl.col("label")).alias("label"))  # c: no test positives
+    table, mean_ci = evaluate.metrics_table(pred, n_resamples=50)
+    assert np.isnan(table.filter(pl.col("disease_id") == "c")["auc"][0])
+    mean = pl.read_csv(evaluate.write_tables(table, tmp_path, mean_ci=mean_ci)["csv"]).filter(
+        pl.col("disease_id") == "mean").row(0, named=True)
+    assert mean["auc"] == pytest.approx(table.filter(pl.col("disease_id") != "c")["auc"].mean())
+
+
 def test_bootstrap_is_seeded():
     pred = _pred(seed=2)
     assert evaluate.bootstrap_auc(pred, 100, seed=3) == evaluate.bootstrap_auc(pred, 100, seed=3)

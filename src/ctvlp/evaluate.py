@@ -149,9 +149,11 @@ def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot
                  mean_ci=(float("nan"), float("nan"))) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the mean row averages each metric over the diseases where it is defined (a disease without
+    # positives in the test split has no AUC), as the bootstrap of the mean does
     mean = table.select(pl.lit("mean").alias("disease_id"), pl.lit("mean").alias("disease"),
                         pl.lit("").alias("organ"), pl.lit("").alias("type"),
-                        *[pl.col(c).mean() for c in METRICS], pl.lit(mean_ci[0]).alias("auc_ci_low"),
+                        *[pl.col(c).fill_nan(None).mean() for c in METRICS], pl.lit(mean_ci[0]).alias("auc_ci_low"),
                         pl.lit(mean_ci[1]).alias("auc_ci_high"), pl.lit(None, dtype=pl.Float64).alias("threshold"),
                         pl.col("test_positives").sum(), pl.col("test_evaluable").sum(),
                         pl.col("test_not_evaluable").sum())
