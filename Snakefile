@@ -20,4 +20,6 @@ include: "workflow/rules/evaluate.smk"
 rule all:
     input:
         R("eval/zeroshot.md"),
+        R("eval/zeroshot_by_organ.md"),
+        R("eval/zeroshot_by_type.md"),
     default_target: True

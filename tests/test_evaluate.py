@@ -94,6 +94,23 @@ def test_bootstrap_ci_covers_the_estimate_and_narrows_with_more_cases():
     assert widths[1] < 0.6 * widths[0]  # ~1/sqrt(10) in theory
 
 
+def test_organ_and_type_tables_average_their_diseases(tmp_path):
+    pred = _pred(seed=8, diseases=("a", "b", "c"))
+    pred = pred.with_columns(pl.when(pl.col("disease_id") == "c").then(pl.lit("spleen"))
+                             .otherwise(pl.col("organ")).alias("organ"),
+                             pl.when(pl.col("disease_id") == "b").then(pl.lit("diffuse"))
+                             .otherwise(pl.col("type")).alias("type"))
+    table, _ = evaluate.metrics_table(pred, n_resamples=0)
+    paths = evaluate.write_tables(table, tmp_path)
+    organ = pl.read_csv(paths["by_organ_csv"])
+    auc = dict(zip(table["disease_id"], table["auc"]))
+    assert organ.filter(pl.col("organ") == "liver")["auc"][0] == pytest.approx((auc["a"] + auc["b"]) / 2)
+    assert organ.filter(pl.col("organ") == "spleen")["diseases"][0] == 1
+    kind = pl.read_csv(paths["by_type_csv"])
+    assert kind.filter(pl.col("type") == "local")["auc"][0] == pytest.approx((auc["a"] + auc["c"]) / 2)
+    assert "spleen" in paths["by_organ_md"].read_text()
+
+
 def test_mean_row_skips_undefined_metrics(tmp_path):
     pred = _pred(seed=6, diseases=("a", "b", "c"))
     pred = pred.with_columns(pl.when((pl.col("disease_id") == "c") & (pl.col("split") == "test"))

@@ -91,6 +91,8 @@ def test_outputs_hold_what_each_stage_promises(run):
         if t["label"].n_unique() == 2:
             assert row["auc"] == pytest.approx(roc_auc_score(t["label"], t["score"]))
     assert (r / "eval/zeroshot.md").read_text().count("|") > 20
+    organs = pl.read_csv(r / "eval/zeroshot_by_organ.csv")
+    assert set(organs["organ"]) == {d.organ for d in catalog.diseases("demo")}
     mean = table.filter(pl.col("disease_id") == "mean").row(0, named=True)
     assert mean["auc_ci_low"] <= mean["auc"] <= mean["auc_ci_high"]
     # every rule wrote a log and a benchmark

@@ -162,6 +162,15 @@ def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot
     full.write_csv(paths["csv"])
     full.write_parquet(paths["parquet"])
     paths["md"].write_text(markdown(full))
+    # per organ (the paper's Table 2) and local vs diffuse (its Table 8): means over diseases
+    for by in ("organ", "type"):
+        summary = (table.group_by(by, maintain_order=True)
+                   .agg(pl.len().alias("diseases"), *[pl.col(c).fill_nan(None).mean() for c in METRICS],
+                        pl.col("test_positives").sum()))
+        paths[f"by_{by}_csv"] = out_dir / f"{stem}_by_{by}.csv"
+        paths[f"by_{by}_md"] = out_dir / f"{stem}_by_{by}.md"
+        summary.write_csv(paths[f"by_{by}_csv"])
+        paths[f"by_{by}_md"].write_text(markdown(summary))
     return paths
 
 

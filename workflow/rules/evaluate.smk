@@ -9,6 +9,9 @@ rule evaluate_zeroshot:
     output:
         table=report(R("eval/zeroshot.md"), caption="../report/zeroshot.rst", category="Zero-shot diagnosis"),
         csv=R("eval/zeroshot.csv"),
+        by_organ=report(R("eval/zeroshot_by_organ.md"), caption="../report/zeroshot_by_organ.rst",
+                        category="Zero-shot diagnosis"),
+        by_type=R("eval/zeroshot_by_type.md"),
         parquet=R("eval/zeroshot.parquet"),
         predictions=R("eval/predictions.parquet"),
     params:
