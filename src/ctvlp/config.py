@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +55,3 @@ def load(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     return validate(yaml.safe_load(path.read_text()) or {})
-
-
-def section(name: str, config_path: str | Path | None = None, params_json: str | None = None) -> dict:
-    """One config section, from a JSON string (as Snakemake rules pass it) or from a config file."""
-    if params_json is not None:
-        return validate({name: json.loads(params_json)})[name]
-    return load(config_path or "config.yaml")[name]

@@ -44,24 +44,23 @@ def predict(model_dir, manifest, results, ground_truth, disease_catalog: str, de
     model = load_model(model_dir, device)
     man = pl.read_parquet(manifest).filter(pl.col("split").is_in(["val", "test"]))
     gt = pl.read_parquet(ground_truth)
-    embs = embed_cases(model, results, man["case_id"].to_list(), device)
+    ids, splits = man["case_id"].to_list(), man["split"].to_list()
+    embs = embed_cases(model, results, ids, device)
+    emb = torch.from_numpy(np.stack([embs[c][0] for c in ids])).to(device)  # (cases, M, D)
+    complete = np.stack([embs[c][1] for c in ids])  # (cases, M)
     rows = []
     for d in catalog.diseases(disease_catalog):
         if not d.zero_shot:
             continue
-        a = catalog.anatomy_by_name(d.anatomy)
-        pos = prompt_embedding(model, d.positive_prompts, a.index - 1)
-        neg = prompt_embedding(model, d.negative_prompts, a.index - 1)
-        for case_id, split in man.select("case_id", "split").iter_rows():
-            emb, complete = embs[case_id]
-            ok = bool(complete[a.index - 1])
-            score = None
-            if ok:
-                score = float(zero_shot_scores(torch.from_numpy(emb[a.index - 1:a.index]).to(device),
-                                               pos, neg, model.logit_scale)[0])
+        j = catalog.anatomy_by_name(d.anatomy).index - 1
+        pos = prompt_embedding(model, d.positive_prompts, j)
+        neg = prompt_embedding(model, d.negative_prompts, j)
+        scores = zero_shot_scores(emb[:, j], pos, neg, model.logit_scale).float().cpu().numpy()
+        for case_id, split, score, ok in zip(ids, splits, scores, complete[:, j]):
             rows.append({"case_id": case_id, "split": split, "disease_id": d.id, "disease": d.name,
-                         "anatomy": d.anatomy, "organ": d.organ, "type": d.type, "evaluable": ok,
-                         "reason": None if ok else "anatomy absent or incomplete in the scan", "score": score})
+                         "anatomy": d.anatomy, "organ": d.organ, "type": d.type, "evaluable": bool(ok),
+                         "reason": None if ok else "anatomy absent or incomplete in the scan",
+                         "score": float(score) if ok else None})
     pred = pl.DataFrame(rows, infer_schema_length=None)
     labels = gt.select("case_id", "disease_id", pl.col("label").cast(pl.Int8))
     pred = pred.join(labels, on=["case_id", "disease_id"], how="left")
