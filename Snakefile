@@ -23,3 +23,10 @@ rule all:
         R("eval/zeroshot_by_organ.md"),
         R("eval/zeroshot_by_type.md"),
     default_target: True
+
+
+onsuccess:
+    # the data QC summary: how many cases went on, and each exclusion with its reason
+    summary = Path(R("qc/summary.md"))
+    if summary.is_file():
+        print(summary.read_text())

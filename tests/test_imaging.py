@@ -11,13 +11,17 @@ def _hu(scaled, window=(-1000, 1000)):
     return scaled.astype(np.float64) * (window[1] - window[0]) + window[0]
 
 
+PRE = {"spacing": [3.0, 3.0, 3.0], "hu_window": [-1000, 1000], "hu": "auto", "min_slices": 10,
+       "spacing_range": [0.1, 20.0]}
+
+
 def _segment_and_preprocess(tmp_path, image, seg, spacing=(3.0, 3.0, 3.0)):
     case = {"case_id": "c", "image_path": str(image), "mask_path": str(seg)}
-    cfg = {"backend": "phantom", "class_version": "v2", "min_voxels": 10}
-    table = imaging.segment_case(case, cfg, tmp_path / "anat.nii.gz", tmp_path / "anat.parquet")
-    meta = imaging.preprocess_case("c", image, tmp_path / "anat.nii.gz", spacing, (-1000, 1000),
-                                   tmp_path / "img.npy", tmp_path / "anat.npy", tmp_path / "meta.json")
-    return table, meta, np.load(tmp_path / "img.npy"), np.load(tmp_path / "anat.npy")
+    cfg = {"backend": "phantom", "class_version": "v2", "min_voxels": 10, "preprocess": PRE}
+    table = imaging.segment_case(case, cfg, tmp_path / "seg")
+    meta = imaging.preprocess_case(case, tmp_path / "seg" / "anatomy.nii.gz", {**PRE, "spacing": list(spacing)},
+                                   tmp_path / "pre")
+    return table, meta, np.load(tmp_path / "pre" / "image.npy"), np.load(tmp_path / "pre" / "anatomy.npy")
 
 
 def _median_hu(img, anat, name):
@@ -68,7 +72,7 @@ def test_preprocess_spacing_and_range(real_ct, tmp_path):
     assert img.min() >= 0.0 and img.max() <= 1.0
     assert img.min() == 0.0  # air at or below -1000 HU clips to 0
     assert set(np.unique(anat)) <= set(range(37))
-    assert json.loads((tmp_path / "meta.json").read_text())["orientation"] == "LPS"
+    assert json.loads((tmp_path / "pre" / "meta.json").read_text())["orientation"] == "LPS"
 
 
 def test_scale_hu_window():
@@ -95,3 +99,23 @@ def test_anatomy_table_bbox_and_completeness():
     assert row["complete"]
     assert not tab.filter(tab["anatomy"] == "lung")["complete"][0]
     assert tab.filter(tab["anatomy"] == "spleen")["present"][0] is False
+
+
+def test_anatomy_crop_is_centred_inside_and_covers_the_box():
+    from ctvlp.data import anatomy_crop
+
+    sl = anatomy_crop([10, 19, 0, 3, 40, 49], (100, 50, 50), (20, 20, 20))
+    assert sl == (slice(5, 25), slice(0, 20), slice(30, 50))  # centred; clamped at both borders
+    big = anatomy_crop([0, 59, 5, 9, 0, 9], (100, 50, 50), (20, 20, 20))
+    assert big[0] == slice(0, 60)  # grown to the box: the anatomy stays complete
+
+
+def test_truncated_uncompressed_nifti_is_caught(tmp_path):
+    from ctvlp.qc import CaseExcluded
+
+    path = tmp_path / "t.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 20, 20), np.int16)), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CaseExcluded, match="truncated file"):
+        imaging.verify_nifti_data(path)

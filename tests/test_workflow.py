@@ -66,14 +66,19 @@ def test_outputs_hold_what_each_stage_promises(run):
     assert {"normal", "abnormal"} <= set(rep["status"])
     # preprocessing: target spacing, [0, 1] float16 image, anatomy labels of the catalog
     case = man["case_id"][0]
-    meta = json.loads((r / f"preprocessed/{case}.json").read_text())
+    meta = json.loads((r / f"preprocessed/{case}/meta.json").read_text())
     assert meta["spacing"] == pytest.approx([8.0, 8.0, 8.0]) and meta["original_spacing"] != meta["spacing"]
-    img = np.load(r / f"preprocessed/{case}.image.npy")
-    anat = np.load(r / f"preprocessed/{case}.anatomy.npy")
+    img = np.load(r / f"preprocessed/{case}/image.npy")
+    anat = np.load(r / f"preprocessed/{case}/anatomy.npy")
     assert img.dtype == np.float16 and 0 <= img.min() and img.max() <= 1 and img.shape == anat.shape
     assert len(set(np.unique(anat)) - {0}) >= 14
-    tab = pl.read_parquet(r / f"segment/{case}.anatomies.parquet")
+    tab = pl.read_parquet(r / f"segment/{case}/anatomies.parquet")
     assert tab["present"].sum() >= 14
+    # data QC: every demo case kept, its HU decision recorded, no exclusions
+    qc = pl.read_parquet(r / "qc/qc.parquet")
+    assert sorted(qc["case_id"]) == sorted(man["case_id"]) and qc["hu_decision"].str.contains("already HU").all()
+    assert len(pl.read_parquet(r / "qc/excluded.parquet")) == 0
+    assert pl.read_parquet(r / "qc/cases.parquet")["case_id"].to_list() == man["case_id"].to_list()
     # training: a finite loss per step and one validation loss per epoch; loadable weights
     metrics = pl.read_csv(r / "train/align/metrics.csv")
     assert len(metrics.filter(pl.col("split") == "val")) == 2
@@ -112,7 +117,7 @@ def test_parameter_change_reruns_only_dependent_rules(run):
         assert planned_rules(run) == {"evaluate_zeroshot", "all"}
         cfg["preprocess"]["spacing"] = [9.0, 9.0, 9.0]
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-        assert planned_rules(run) == {"preprocess", "train_align", "evaluate_zeroshot", "all"}
+        assert planned_rules(run) == {"preprocess", "qc", "train_align", "evaluate_zeroshot", "all"}
     finally:
         (run / "config.yaml").write_text(yaml.safe_dump(TINY))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,26 +77,61 @@ def cmd_cohort(args):
     log.info("%d cases in the manifest, %d exclusions (see %s/exclusions.parquet)", len(man), len(exc), args.out)
 
 
+def _per_case(stage: str, case_id: str, out_dir: str, run) -> None:
+    """Run one case's stage; a data problem becomes ``out_dir``/excluded.json with its reason."""
+    from .qc import CaseExcluded, write_exclusion
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)  # no stale outputs from an earlier run of this case
+    try:
+        run(out)
+    except CaseExcluded as e:
+        if out.exists():
+            shutil.rmtree(out)
+        write_exclusion(out, case_id, e.stage or stage, e.reason)
+
+
 def cmd_segment(args):
     from . import imaging
 
-    s = _settings(args)["segment"]
+    s = _settings(args)
+    cfg = {**s["segment"], "preprocess": s["preprocess"]}
+    if cfg["backend"] == "precomputed" and not cfg.get("path"):
+        raise SystemExit("segment.backend precomputed needs segment.path (a folder of segmentations)")
     row = _manifest_row(args.manifest, args.case)
-    Path(args.out_map).parent.mkdir(parents=True, exist_ok=True)
-    tab = imaging.segment_case(row, s, args.out_map, args.out_table)
-    log.info("%s: %d anatomies present, %d complete", args.case, tab["present"].sum(), tab["complete"].sum())
+
+    def run(out):
+        tab = imaging.segment_case(row, cfg, out)
+        log.info("%s: %d anatomies present, %d complete", args.case, tab["present"].sum(), tab["complete"].sum())
+
+    _per_case("segment", args.case, args.out_dir, run)
 
 
 def cmd_preprocess(args):
     from . import imaging
+    from .qc import CaseExcluded, read_exclusion
 
     s = _settings(args)["preprocess"]
     row = _manifest_row(args.manifest, args.case)
-    Path(args.out_image).parent.mkdir(parents=True, exist_ok=True)
-    meta = imaging.preprocess_case(args.case, row["image_path"], args.anatomy, s["spacing"], s["hu_window"],
-                                   args.out_image, args.out_anatomy, args.out_meta)
-    log.info("%s: %s @ %s mm -> %s @ %s mm", args.case, meta["original_size"],
-             [round(v, 2) for v in meta["original_spacing"]], meta["size"], meta["spacing"])
+
+    def run(out):
+        upstream = read_exclusion(args.segment_dir)
+        if upstream:  # excluded at segmentation: carry the record forward, nothing to preprocess
+            raise CaseExcluded(upstream["reason"], upstream["stage"])
+        meta = imaging.preprocess_case(row, Path(args.segment_dir) / "anatomy.nii.gz", s, out)
+        log.info("%s: %s @ %s mm -> %s @ %s mm; %s", args.case, meta["original_size"],
+                 [round(v, 2) for v in meta["original_spacing"]], meta["size"], meta["spacing"], meta["hu_decision"])
+
+    _per_case("preprocess", args.case, args.out_dir, run)
+
+
+def cmd_qc(args):
+    from .qc import collect
+
+    s = _settings(args)["preprocess"]
+    collect(args.manifest, args.cohort_exclusions, args.segment_root, args.preprocessed_root, args.out,
+            strict=s["strict"])
 
 
 def cmd_reports(args):
@@ -126,8 +162,9 @@ def cmd_evaluate(args):
     from . import evaluate
 
     s = _settings(args)
+    crop = s["train"]["crop_size"] if s["evaluate"]["crop"] == "anatomy" else None
     pred = evaluate.predict(args.model, args.manifest, args.results, args.ground_truth,
-                            s["evaluate"]["catalog"], s["train"]["device"])
+                            s["evaluate"]["catalog"], s["train"]["device"], crop)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred.write_parquet(out / "predictions.parquet")
@@ -153,19 +190,23 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder (manifest.parquet, ground_truth.parquet, ...)")
     p = add("demo-data", cmd_demo_data, "write the built-in synthetic cohort")
     p.add_argument("--out", required=True, help="output folder (manifest.parquet, images/, masks/)")
-    for name, func, help_ in (("segment", cmd_segment, "group a case's organ mask into the 36 anatomies"),
-                              ("preprocess", cmd_preprocess, "resample and scale one case")):
-        p = add(name, func, help_)
-        p.add_argument("--case", required=True)
-        p.add_argument("--manifest", required=True)
-        if name == "segment":
-            p.add_argument("--out-map", required=True, help="anatomy label map (NIfTI)")
-            p.add_argument("--out-table", required=True, help="per-anatomy table (Parquet)")
-        else:
-            p.add_argument("--anatomy", required=True, help="anatomy label map from `ctvlp segment`")
-            p.add_argument("--out-image", required=True)
-            p.add_argument("--out-anatomy", required=True)
-            p.add_argument("--out-meta", required=True)
+    p = add("segment", cmd_segment, "group one case's TotalSegmentator classes into the 36 anatomies")
+    p.add_argument("--case", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out-dir", required=True, help="case folder: anatomy.nii.gz + anatomies.parquet, "
+                   "or excluded.json with the reason")
+    p = add("preprocess", cmd_preprocess, "check, convert to HU, resample and scale one case")
+    p.add_argument("--case", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--segment-dir", required=True, help="the case's folder from `ctvlp segment`")
+    p.add_argument("--out-dir", required=True, help="case folder: image.npy, anatomy.npy, meta.json, "
+                   "or excluded.json with the reason")
+    p = add("qc", cmd_qc, "collect per-case QC and exclusions; list the cases that go on")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--cohort-exclusions", default=None, help="exclusions.parquet from `ctvlp cohort`")
+    p.add_argument("--segment-root", required=True)
+    p.add_argument("--preprocessed-root", required=True)
+    p.add_argument("--out", required=True, help="folder for qc.parquet, excluded.parquet, cases.parquet, summary.md")
     p = add("reports", cmd_reports, "parse reports into per-anatomy text and status")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)

@@ -21,14 +21,14 @@ class CasePaths:
     case_id: str
     image: Path  # float16 (x, y, z) .npy in [0, 1]
     anatomy: Path  # uint8 (x, y, z) .npy anatomy indices
-    meta: Path  # preprocess JSON
+    meta: Path  # preprocess JSON (the case's QC record)
     table: Path  # segment anatomy table (Parquet)
 
 
 def case_paths(results: str | Path, case_id: str) -> CasePaths:
-    r = Path(results)
-    return CasePaths(case_id, r / "preprocessed" / f"{case_id}.image.npy", r / "preprocessed" / f"{case_id}.anatomy.npy",
-                     r / "preprocessed" / f"{case_id}.json", r / "segment" / f"{case_id}.anatomies.parquet")
+    """Where `ctvlp segment` and `ctvlp preprocess` put a case: one folder per case and stage."""
+    pre, seg = Path(results) / "preprocessed" / case_id, Path(results) / "segment" / case_id
+    return CasePaths(case_id, pre / "image.npy", pre / "anatomy.npy", pre / "meta.json", seg / "anatomies.parquet")
 
 
 def anatomy_texts(reports: pl.DataFrame, case_ids: list[str], unmentioned_as_normal: bool):
@@ -53,6 +53,19 @@ def anatomy_texts(reports: pl.DataFrame, case_ids: list[str], unmentioned_as_nor
         text_idx[i, j] = vocab.setdefault(text, len(vocab))
         normal[i, j] = status == "normal"
     return list(vocab), text_idx, normal
+
+
+def anatomy_crop(bbox, shape, crop_size) -> tuple[slice, slice, slice]:
+    """A crop of ``crop_size`` centred on an anatomy's bounding box (x0, x1, y0, y1, z0, z1,
+    inclusive voxel indices), kept inside the volume; grown to the box where the box is larger,
+    so the anatomy is always complete in it (evaluation crops)."""
+    out = []
+    for axis, (dim, size) in enumerate(zip(shape, crop_size)):
+        lo, hi = bbox[2 * axis], bbox[2 * axis + 1] + 1
+        size = min(max(size, hi - lo), dim)
+        start = min(max((lo + hi - size) // 2, 0), dim - size)
+        out.append(slice(start, start + size))
+    return tuple(out)
 
 
 class CropDataset(torch.utils.data.Dataset):

@@ -1516,7 +1516,6 @@ def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
         "shape_y": pl.Int64, "shape_z": pl.Int64})
     truth = pl.DataFrame(gt, schema={"case_id": pl.Utf8, "disease_id": pl.Utf8,
                                      "anatomy": pl.Utf8, "label": pl.Int8})
-    path = out_dir / "manifest.parquet"
-    manifest.write_parquet(path)
-    truth.write_parquet(out_dir / "ground_truth.parquet")
-    return path
+    from .ingest import write
+
+    return write(manifest, truth, None, out_dir)["manifest"]

@@ -6,6 +6,7 @@ to the test split; test labels never influence it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,29 +24,50 @@ METRICS = ["auc", "sensitivity", "specificity", "accuracy", "precision", "f1"]
 
 
 @torch.no_grad()
-def embed_cases(model, results, case_ids, device) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Whole-volume anatomy embeddings per case: (M, D) array and (M,) evaluable flags."""
+def embed_cases(model, results, case_ids, device, crop_size=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Anatomy embeddings per case: (M, D) array and (M,) evaluable flags (complete in the scan).
+
+    crop_size None: one pass over the whole volume. Otherwise one pass per complete anatomy on a
+    crop of crop_size centred on it (``data.anatomy_crop``), as in training; for volumes too
+    large for one pass at the paper's resolution.
+    """
     out = {}
+    stride = model.vision.stride
+
+    def encode(img, anat):
+        img, anat = pad_to_multiple(np.asarray(img, np.float32), stride), pad_to_multiple(np.asarray(anat), stride)
+        emb, _ = model.encode_image(torch.from_numpy(img)[None, None].to(device), torch.from_numpy(anat)[None].to(device))
+        return emb[0].float().cpu().numpy()
+
     for case_id in tqdm(case_ids, desc="embed", unit="case"):
         p = data.case_paths(results, case_id)
-        img = pad_to_multiple(np.load(p.image).astype(np.float32), model.vision.stride)
-        anat = pad_to_multiple(np.load(p.anatomy), model.vision.stride)
-        emb, _ = model.encode_image(torch.from_numpy(img)[None, None].to(device),
-                                    torch.from_numpy(anat)[None].to(device))
-        complete = pl.read_parquet(p.table).sort("index")["complete"].to_numpy()
-        out[case_id] = (emb[0].float().cpu().numpy(), complete)
+        table = pl.read_parquet(p.table).sort("index")
+        complete = table["complete"].to_numpy()
+        img, anat = np.load(p.image, mmap_mode="r"), np.load(p.anatomy, mmap_mode="r")
+        if crop_size is None:
+            emb = encode(img, anat)
+        else:
+            emb = np.zeros((len(complete), model.vis_proj.bias.shape[1]), np.float32)
+            boxes = json.loads(p.meta.read_text())["anatomy_bbox"]
+            for a in catalog.anatomies():
+                if complete[a.index - 1] and a.name in boxes:
+                    sl = data.anatomy_crop(boxes[a.name], img.shape, crop_size)
+                    emb[a.index - 1] = encode(img[sl], anat[sl])[a.index - 1]
+        out[case_id] = (emb, complete)
     return out
 
 
 @torch.no_grad()
-def predict(model_dir, manifest, results, ground_truth, disease_catalog: str, device="auto") -> pl.DataFrame:
-    """One row per (case in val/test, disease): score, or evaluable=False with the reason."""
+def predict(model_dir, manifest, results, ground_truth, disease_catalog: str, device="auto",
+            crop_size=None) -> pl.DataFrame:
+    """One row per (case in val/test, disease): score, or evaluable=False with the reason.
+    crop_size: None = whole volumes, else anatomy-centred crops (``embed_cases``)."""
     device = pick_device(device)
     model = load_model(model_dir, device)
     man = pl.read_parquet(manifest).filter(pl.col("split").is_in(["val", "test"]))
     gt = pl.read_parquet(ground_truth)
     ids, splits = man["case_id"].to_list(), man["split"].to_list()
-    embs = embed_cases(model, results, ids, device)
+    embs = embed_cases(model, results, ids, device, crop_size)
     emb = torch.from_numpy(np.stack([embs[c][0] for c in ids])).to(device)  # (cases, M, D)
     complete = np.stack([embs[c][1] for c in ids])  # (cases, M)
     rows = []

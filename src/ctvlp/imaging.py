@@ -13,26 +13,112 @@ import numpy as np
 import polars as pl
 import SimpleITK as sitk
 
-from . import catalog
+from . import catalog, qc
+from .qc import CaseExcluded
 
 ORIENTATION = "LPS"
 
 
 def read_image(path: str | Path) -> sitk.Image:
-    """Read a NIfTI/NRRD/MHA file or a DICOM series folder with SimpleITK."""
+    """Read a NIfTI/NRRD/MHA file or a DICOM series folder with SimpleITK.
+
+    A file SimpleITK cannot read (truncated, corrupt, not an image) raises ``CaseExcluded``.
+    """
     path = Path(path)
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
         series = reader.GetGDCMSeriesIDs(str(path))
         if not series:
-            raise ValueError(f"{path}: folder holds no DICOM series")
+            raise CaseExcluded(f"{path}: folder holds no DICOM series")
         if len(series) > 1:
-            raise ValueError(f"{path}: folder holds {len(series)} DICOM series; give one series per folder")
+            raise CaseExcluded(f"{path}: folder holds {len(series)} DICOM series; give one series per folder")
         reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-        return reader.Execute()
+        try:
+            return reader.Execute()
+        except RuntimeError as e:
+            raise CaseExcluded(f"unreadable DICOM series {path}: {_first_line(e)}") from e
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    return sitk.ReadImage(str(path))
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise CaseExcluded(f"unreadable image {path}: {_first_line(e)}") from e
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def modality(path: str | Path) -> str | None:
+    """DICOM Modality (0008,0060) of a series folder's first file; None for other formats."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        return None
+    first = sitk.ImageFileReader()
+    first.SetFileName(reader.GetGDCMSeriesFileNames(str(path), series[0])[0])
+    first.ReadImageInformation()
+    return first.GetMetaData("0008|0060").strip() if first.HasMetaDataKey("0008|0060") else None
+
+
+def verify_nifti_data(path: Path) -> None:
+    """A truncated .nii/.nii.gz must not pass: ITK reads one without error and fills the missing
+    voxels with 0. Checks the stored length against the header (streams .gz once, checking CRC)."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # noqa: BLE001 - any unreadable header is an exclusion
+        raise CaseExcluded(f"unreadable NIfTI header {path}: {e}") from e
+    expected = int(img.dataobj.offset) + int(np.prod(img.shape)) * int(img.header["bitpix"]) // 8
+    if path.name.endswith(".gz"):
+        length = 0
+        try:
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    length += len(chunk)
+        except (EOFError, OSError, zlib.error) as e:
+            raise CaseExcluded(f"corrupt or truncated file {path}: {e}") from e
+    else:
+        length = path.stat().st_size
+    if length < expected:
+        raise CaseExcluded(f"truncated file {path}: {length} bytes of data, header needs {expected}")
+
+
+def check_image(path: str | Path, cfg: dict, verify_data: bool = False) -> dict:
+    """Header-level checks shared by segment and preprocess: readable, CT, 3D, enough slices,
+    plausible spacing; with ``verify_data`` also that a NIfTI file is complete. Raises
+    ``CaseExcluded``; returns the grid (size, spacing)."""
+    path = Path(path)
+    if verify_data and path.name.endswith((".nii", ".nii.gz")):
+        verify_nifti_data(path)
+    mod = modality(path)
+    if mod and mod != "CT":
+        raise CaseExcluded(f"DICOM modality {mod}, not CT")
+    if path.is_dir():
+        img = read_image(path)
+        size, spacing, dim = img.GetSize(), img.GetSpacing(), img.GetDimension()
+    else:
+        if not path.is_file():
+            raise CaseExcluded(f"image not found: {path}")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise CaseExcluded(f"unreadable image {path}: {_first_line(e)}") from e
+        size, spacing, dim = reader.GetSize(), reader.GetSpacing(), reader.GetDimension()
+        if reader.GetNumberOfComponents() != 1:
+            raise CaseExcluded(f"{reader.GetNumberOfComponents()} components per voxel; a CT has one")
+    qc.check_geometry(size, spacing, dim, cfg["min_slices"], cfg["spacing_range"])
+    return {"size": list(size), "spacing": list(spacing)}
 
 
 def to_xyz(image: sitk.Image) -> np.ndarray:
@@ -78,16 +164,29 @@ def anatomy_table(anatomy: np.ndarray, spacing, case_id: str, min_voxels: int = 
     return pl.DataFrame(rows)
 
 
-def segment_case(case: dict, cfg: dict, out_map: str | Path, out_table: str | Path) -> pl.DataFrame:
+def segment_case(case: dict, cfg: dict, out_dir: str | Path) -> pl.DataFrame:
     """Get the case's TotalSegmentator class map from the configured backend, group it into
-    anatomies, and write the anatomy map (on the image grid) and its per-anatomy table."""
+    anatomies, and write ``out_dir``/anatomy.nii.gz (on the image grid) and anatomies.parquet.
+
+    cfg: the segment section plus the preprocess section under "preprocess" (image checks).
+    Data problems (bad image, missing or mismatched mask, label ids outside the class set)
+    raise ``CaseExcluded``.
+    """
     from .segmentation import class_map
 
-    classes, version = class_map(cfg["backend"], case, cfg)
-    anat = group_classes(classes, version)
-    sitk.WriteImage(anat, str(out_map), useCompression=True)
+    check_image(case["image_path"], cfg["preprocess"], verify_data=True)
+    try:
+        classes, version = class_map(cfg["backend"], case, cfg)
+        anat = group_classes(classes, version)
+    except (ValueError, FileNotFoundError) as e:
+        raise CaseExcluded(str(e)) from e
     table = anatomy_table(to_xyz(anat), classes.GetSpacing(), case["case_id"], cfg["min_voxels"])
-    table.write_parquet(out_table)
+    if not table["present"].any():
+        raise CaseExcluded(f"no anatomy of at least {cfg['min_voxels']} voxels in the segmentation")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(anat, str(out / "anatomy.nii.gz"), useCompression=True)
+    table.write_parquet(out / "anatomies.parquet")
     return table
 
 
@@ -106,36 +205,59 @@ def scale_hu(hu: np.ndarray, window) -> np.ndarray:
     return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
-def preprocess_case(case_id: str, image_path: str | Path, anatomy_path: str | Path, spacing, window,
-                    out_image: str | Path, out_anatomy: str | Path, out_meta: str | Path) -> dict:
-    """Orient, resample (image linear, anatomy map nearest onto the image grid), clip and scale HU.
+def preprocess_case(case: dict, anatomy_path: str | Path, cfg: dict, out_dir: str | Path) -> dict:
+    """Check, convert to HU (at most one rescale), orient, resample (image linear, anatomy map
+    nearest onto the image grid), clip and scale HU.
 
-    Writes the image as float16 in [0, 1] and the anatomy map as uint8, both (x, y, z) .npy files
-    that training memory-maps, and a JSON record of what was done.
+    Writes into ``out_dir``: image.npy (float16 in [0, 1]) and anatomy.npy (uint8), both (x, y, z)
+    arrays that training memory-maps, and meta.json recording what was done (the QC row).
+    Raises ``CaseExcluded`` for unusable input.
     """
-    image = sitk.DICOMOrient(read_image(image_path), ORIENTATION)
-    anat = read_image(anatomy_path)
-    image_f = resample(sitk.Cast(image, sitk.sitkFloat32), spacing, sitk.sitkLinear, -1024.0)
+    grid = check_image(case["image_path"], cfg)
+    image = sitk.DICOMOrient(read_image(case["image_path"]), ORIENTATION)
+    raw = sitk.GetArrayViewFromImage(image)
+    slope, intercept, decision = qc.hu_conversion(qc.sample(raw), case.get("rescale_slope"),
+                                                  case.get("rescale_intercept"), cfg["hu"])
+    image_f = sitk.Cast(image, sitk.sitkFloat32)
+    if (slope, intercept) != (1.0, 0.0):
+        image_f = image_f * slope + intercept
+    hu_stats, warnings = qc.check_hu(qc.sample(sitk.GetArrayViewFromImage(image_f)))
+    image_f = resample(image_f, cfg["spacing"], sitk.sitkLinear, -1024.0)
     # The anatomy map goes onto the resampled image grid through both images' physical
     # coordinates, so a mask stored on another grid or with flipped axes still lands right.
-    anat_r = resample(anat, None, sitk.sitkNearestNeighbor, 0, reference=image_f)
+    anat_r = resample(read_image(anatomy_path), None, sitk.sitkNearestNeighbor, 0, reference=image_f)
     hu = to_xyz(image_f)
     amap = to_xyz(anat_r).astype(np.uint8)
-    np.save(out_image, scale_hu(hu, window).astype(np.float16))
-    np.save(out_anatomy, amap)
+    if not amap.any():
+        raise CaseExcluded("no anatomy left on the resampled image grid (mask and image do not overlap)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "image.npy", scale_hu(hu, cfg["hu_window"]).astype(np.float16))
+    np.save(out / "anatomy.npy", amap)
+    from scipy import ndimage
+
     counts = np.bincount(amap.ravel(), minlength=len(catalog.anatomies()) + 1)
     meta = {
-        "case_id": case_id,
+        "case_id": case["case_id"],
+        "source_path": str(case["image_path"]),
         "orientation": ORIENTATION,
-        "original_size": list(image.GetSize()),
-        "original_spacing": list(image.GetSpacing()),
+        "original_size": grid["size"],
+        "original_spacing": grid["spacing"],
         "size": list(hu.shape),
         "spacing": list(image_f.GetSpacing()),
         "origin": list(image_f.GetOrigin()),
         "direction": list(image_f.GetDirection()),
-        "hu_window": list(window),
-        "hu_percentiles": dict(zip(["p1", "p50", "p99"], np.percentile(hu, [1, 50, 99]).round(1).tolist())),
+        "hu_decision": decision,
+        "hu_slope": slope,
+        "hu_intercept": intercept,
+        "hu_window": list(cfg["hu_window"]),
+        "hu_stats": hu_stats,
+        "warnings": warnings,
         "anatomy_voxels": {a.name: int(counts[a.index]) for a in catalog.anatomies() if counts[a.index]},
+        # bounding boxes on the preprocessed grid (x0, x1, y0, y1, z0, z1 inclusive): evaluation crops
+        "anatomy_bbox": {a.name: [v for sl in box for v in (sl.start, sl.stop - 1)]
+                         for a, box in zip(catalog.anatomies(), ndimage.find_objects(amap, max_label=len(counts) - 1))
+                         if box},
     }
-    Path(out_meta).write_text(json.dumps(meta, indent=1))
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta

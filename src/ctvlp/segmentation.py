@@ -111,9 +111,10 @@ def _as_labels(img: sitk.Image) -> sitk.Image:
     return out
 
 
-def onto_grid(mask: sitk.Image, grid: dict) -> sitk.Image:
+def onto_grid(mask: sitk.Image, grid: dict, min_overlap: float = 0.5) -> sitk.Image:
     """Put a label image onto ``grid`` (from ``_image_grid``) via physical coordinates, nearest
-    neighbour, background 0. A mask already on the grid (to 1e-3 mm) only gets its header copied."""
+    neighbour, background 0. A mask already on the grid (to 1e-3 mm) only gets its header copied.
+    Raises ValueError when less than ``min_overlap`` of the mask's labelled volume lands on the grid."""
     mask = _as_labels(mask)
     if _on_grid(mask, grid):
         out = sitk.Image(mask)
@@ -130,7 +131,18 @@ def onto_grid(mask: sitk.Image, grid: dict) -> sitk.Image:
     f.SetInterpolator(sitk.sitkNearestNeighbor)
     f.SetDefaultPixelValue(0)
     f.SetOutputPixelType(mask.GetPixelID())
-    return f.Execute(mask)
+    out = f.Execute(mask)
+    # A mask that belongs to another scan (or has a broken header) lands mostly off the image.
+    before = np.count_nonzero(sitk.GetArrayViewFromImage(mask)) * float(np.prod(mask.GetSpacing()))
+    after = np.count_nonzero(sitk.GetArrayViewFromImage(out)) * float(np.prod(grid["spacing"]))
+    if before and after < min_overlap * before:
+        raise ValueError(
+            f"mask does not match its image: only {after / before:.0%} of the mask's labelled volume "
+            f"({before / 1000:.0f} ml) falls inside the image (need {min_overlap:.0%}); mask size "
+            f"{list(mask.GetSize())} spacing {[round(v, 3) for v in mask.GetSpacing()]} origin "
+            f"{[round(v, 1) for v in mask.GetOrigin()]} vs image size {list(grid['size'])} origin "
+            f"{[round(v, 1) for v in grid['origin']]}")
+    return out
 
 
 def _check_ids(img: sitk.Image, version: str, what: str) -> None:

@@ -2,6 +2,7 @@ checkpoint cohort:
     output:
         manifest=R("cohort/manifest.parquet"),
         ground_truth=R("cohort/ground_truth.parquet"),
+        exclusions=R("cohort/exclusions.parquet"),
     params:
         # the disease catalog matters here only to match label columns
         settings=json.dumps({"cohort": config["cohort"], "seed": config["seed"],

@@ -19,6 +19,14 @@ def settings(*sections):
     return json.dumps({s: config[s] for s in sections}, sort_keys=True)
 
 
+def settings_with(sections, **some_keys):
+    """Like `settings`, plus only the named keys of other sections (settings_with(["segment"],
+    preprocess=["min_slices"])): a change to the section's other keys does not re-run the rule."""
+    out = {s: config[s] for s in sections}
+    out.update({s: {k: config[s][k] for k in keys} for s, keys in some_keys.items()})
+    return json.dumps(out, sort_keys=True)
+
+
 def case_ids():
     manifest = checkpoints.cohort.get().output.manifest
     return pl.read_parquet(manifest, columns=["case_id"])["case_id"].to_list()

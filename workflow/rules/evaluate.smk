@@ -2,10 +2,8 @@ rule evaluate_zeroshot:
     input:
         weights=R("train/align/model.safetensors"),
         config=R("train/align/config.json"),
-        manifest=R("cohort/manifest.parquet"),
+        manifest=R("qc/cases.parquet"),
         ground_truth=R("cohort/ground_truth.parquet"),
-        images=all_cases("preprocessed/{case}.image.npy"),
-        tables=all_cases("segment/{case}.anatomies.parquet"),
     output:
         table=report(R("eval/zeroshot.md"), caption="../report/zeroshot.rst", category="Zero-shot diagnosis"),
         csv=R("eval/zeroshot.csv"),

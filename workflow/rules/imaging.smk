@@ -1,11 +1,15 @@
+# Per-case stages write a folder each: the outputs, or excluded.json with the reason (bad input
+# is recorded, never dropped); the qc rule gathers them and lists the cases that go on.
+
+
 rule segment:
     input:
         manifest=R("cohort/manifest.parquet"),
     output:
-        anatomy_map=R("segment/{case}.nii.gz"),
-        table=R("segment/{case}.anatomies.parquet"),
+        directory(R("segment/{case}")),
     params:
-        settings=settings("segment"),
+        # image checks only; the target spacing etc. must not re-run segmentation
+        settings=settings_with(["segment"], preprocess=["min_slices", "spacing_range"]),
     log:
         R("logs/segment/{case}.log"),
     benchmark:
@@ -17,17 +21,15 @@ rule segment:
         "../../envs/imaging.yaml"
     shell:
         "ctvlp segment --params {params.settings:q} --case {wildcards.case:q} --manifest {input.manifest:q}"
-        " --out-map {output.anatomy_map:q} --out-table {output.table:q} > {log:q} 2>&1"
+        " --out-dir {output:q} > {log:q} 2>&1"
 
 
 rule preprocess:
     input:
         manifest=R("cohort/manifest.parquet"),
-        anatomy_map=R("segment/{case}.nii.gz"),
+        segment=R("segment/{case}"),
     output:
-        image=R("preprocessed/{case}.image.npy"),
-        anatomy=R("preprocessed/{case}.anatomy.npy"),
-        meta=R("preprocessed/{case}.json"),
+        directory(R("preprocessed/{case}")),
     params:
         settings=settings("preprocess"),
     log:
@@ -41,5 +43,33 @@ rule preprocess:
         "../../envs/imaging.yaml"
     shell:
         "ctvlp preprocess --params {params.settings:q} --case {wildcards.case:q} --manifest {input.manifest:q}"
-        " --anatomy {input.anatomy_map:q} --out-image {output.image:q} --out-anatomy {output.anatomy:q}"
-        " --out-meta {output.meta:q} > {log:q} 2>&1"
+        " --segment-dir {input.segment:q} --out-dir {output:q} > {log:q} 2>&1"
+
+
+rule qc:
+    input:
+        manifest=R("cohort/manifest.parquet"),
+        exclusions=R("cohort/exclusions.parquet"),
+        segment=all_cases("segment/{case}"),
+        preprocessed=all_cases("preprocessed/{case}"),
+    output:
+        cases=R("qc/cases.parquet"),
+        qc=R("qc/qc.parquet"),
+        excluded=R("qc/excluded.parquet"),
+        summary=report(R("qc/summary.md"), caption="../report/qc.rst", category="Data"),
+    params:
+        settings=settings_with([], preprocess=["strict"]),
+        segment_root=lambda w: R("segment"),
+        preprocessed_root=lambda w: R("preprocessed"),
+        out=parent_of("cases"),
+    log:
+        R("logs/qc.log"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/imaging.yaml"
+    shell:
+        "ctvlp qc --params {params.settings:q} --manifest {input.manifest:q}"
+        " --cohort-exclusions {input.exclusions:q} --segment-root {params.segment_root:q}"
+        " --preprocessed-root {params.preprocessed_root:q} --out {params.out:q} > {log:q} 2>&1"

@@ -1,11 +1,7 @@
 rule train_align:
     input:
-        manifest=R("cohort/manifest.parquet"),
+        manifest=R("qc/cases.parquet"),
         reports=R("reports/reports.parquet"),
-        images=all_cases("preprocessed/{case}.image.npy"),
-        anatomies=all_cases("preprocessed/{case}.anatomy.npy"),
-        metas=all_cases("preprocessed/{case}.json"),
-        tables=all_cases("segment/{case}.anatomies.parquet"),
     output:
         weights=R("train/align/model.safetensors"),
         config=R("train/align/config.json"),
