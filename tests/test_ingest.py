@@ -207,3 +207,31 @@ def test_split_groups_deterministic_and_exclusive():
     counts = {s: list(a.values()).count(s) for s in ("train", "val", "test")}
     assert counts == {"train": 160, "val": 20, "test": 20}
     assert a != ingest.split_groups(groups, (0.8, 0.1, 0.1), seed=4)
+
+
+def test_ctrate_volume_already_in_hu_is_not_rescaled_twice(ctrate_dir, tmp_path):
+    """CT-RATE metadata carries RescaleIntercept for volumes that already hold HU (CT-CLIP issue
+    50): auto keeps them; forcing the rescale lands air near -2000 HU and the case is excluded."""
+    import SimpleITK as sitk
+
+    from ctvlp.qc import CaseExcluded
+
+    root, csv = ctrate_dir
+    man, _, _ = ingest.ctrate(root, csv / "metadata.csv", csv / "reports.csv")
+    case = man.filter(pl.col("case_id") == "train_1_a_1").row(0, named=True)
+    assert case["rescale_intercept"] == -1024.0
+    image = imaging.read_image(case["image_path"])
+    block = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    block.CopyInformation(image)
+    block[20:60, 20:60, 20:60] = 1
+    sitk.WriteImage(block, str(tmp_path / "anat.nii.gz"))
+    cfg = {"spacing": [3.0, 3.0, 3.0], "hu_window": [-1000, 1000], "hu": "auto", "min_slices": 10,
+           "spacing_range": [0.1, 20.0]}
+    meta = imaging.preprocess_case(case, tmp_path / "anat.nii.gz", cfg, tmp_path / "auto")
+    assert meta["hu_intercept"] == 0.0 and "NOT applied again" in meta["hu_decision"]
+    # the metadata's spacing, not the header's (1.5 mm iso), sets the physical grid
+    assert meta["original_spacing"] == pytest.approx([0.8, 0.7, 1.5]) and meta["spacing_source"].startswith("manifest")
+    assert meta["size"] == [round(122 * 0.8 / 3), round(102 * 0.7 / 3), round(112 * 1.5 / 3)]
+    assert -1100 < meta["hu_stats"]["p1"] < -800  # lung / air of the real chest CT
+    with pytest.raises(CaseExcluded, match="applied twice"):
+        imaging.preprocess_case(case, tmp_path / "anat.nii.gz", {**cfg, "hu": "rescale"}, tmp_path / "forced")

@@ -200,3 +200,18 @@ def test_totalsegmentator_real_call_without_weights(ts, empty_totalseg_home, mon
     assert config["send_usage_stats"] is False
     assert config["totalseg_id"].startswith("totalseg_")
     assert not list((empty_totalseg_home / "nnunet" / "results").glob("*.zip"))
+
+
+def test_manifest_spacing_overrides_header_and_keeps_header_aligned_masks(ts, tmp_path):
+    """CT-RATE: the metadata's spacing is the truth; a mask made on the header grid (same size,
+    header spacing) is voxel-aligned with the image and must not be resampled through space."""
+    (tmp_path / "c.nii.gz").symlink_to(ts / "example_seg.nii.gz")
+    case = {"case_id": "c", "image_path": str(ts / "example_ct_sm.nii.gz"),
+            "spacing_x": 2.0, "spacing_y": 2.5, "spacing_z": 4.0}  # header: 3 mm iso
+    img, _ = segmentation.class_map("precomputed", case, {"path": str(tmp_path), "class_version": "v2"})
+    assert img.GetSpacing() == pytest.approx((2.0, 2.5, 4.0))
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ts / "example_seg.nii.gz")))
+    assert np.array_equal(sitk.GetArrayFromImage(img), ref)
+    image, source = imaging.read_case_image(case)
+    assert image.GetSpacing() == pytest.approx((2.0, 2.5, 4.0)) and source.startswith("manifest")
+    assert imaging.read_case_image({**case, "spacing_x": 3.0, "spacing_y": 3.0, "spacing_z": 3.0})[1] == "header"

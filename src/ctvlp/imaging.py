@@ -45,6 +45,30 @@ def read_image(path: str | Path) -> sitk.Image:
         raise CaseExcluded(f"unreadable image {path}: {_first_line(e)}") from e
 
 
+def manifest_spacing(case: dict, header_spacing) -> list[float] | None:
+    """The manifest's spacing when it differs from the image header's, else None.
+
+    The manifest is authoritative: CT-RATE's NIfTI headers do not hold the true spacing, its
+    metadata CSV does (ingest puts it in the manifest); for other sources both agree.
+    """
+    vals = [case.get(f"spacing_{a}") for a in "xyz"]
+    if any(v is None for v in vals) or np.allclose(vals, header_spacing, rtol=1e-3, atol=1e-4):
+        return None
+    return [float(v) for v in vals]
+
+
+def read_case_image(case: dict) -> tuple[sitk.Image, str]:
+    """The case's image with the manifest's spacing applied where the header disagrees; also
+    says where the spacing came from (recorded in the QC table)."""
+    image = read_image(case["image_path"])
+    fixed = manifest_spacing(case, image.GetSpacing())
+    if fixed is None:
+        return image, "header"
+    header = [round(v, 4) for v in image.GetSpacing()]
+    image.SetSpacing(fixed)
+    return image, f"manifest (header said {header})"
+
+
 def _first_line(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
@@ -214,7 +238,9 @@ def preprocess_case(case: dict, anatomy_path: str | Path, cfg: dict, out_dir: st
     Raises ``CaseExcluded`` for unusable input.
     """
     grid = check_image(case["image_path"], cfg)
-    image = sitk.DICOMOrient(read_image(case["image_path"]), ORIENTATION)
+    image, spacing_source = read_case_image(case)
+    grid["spacing"] = list(image.GetSpacing())
+    image = sitk.DICOMOrient(image, ORIENTATION)
     raw = sitk.GetArrayViewFromImage(image)
     slope, intercept, decision = qc.hu_conversion(qc.sample(raw), case.get("rescale_slope"),
                                                   case.get("rescale_intercept"), cfg["hu"])
@@ -243,6 +269,7 @@ def preprocess_case(case: dict, anatomy_path: str | Path, cfg: dict, out_dir: st
         "orientation": ORIENTATION,
         "original_size": grid["size"],
         "original_spacing": grid["spacing"],
+        "spacing_source": spacing_source,
         "size": list(hu.shape),
         "spacing": list(image_f.GetSpacing()),
         "origin": list(image_f.GetOrigin()),

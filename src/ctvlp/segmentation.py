@@ -70,25 +70,32 @@ class WeightsMissingError(RuntimeError):
 # Grid handling
 
 
-def _image_grid(image_path: str | Path) -> dict:
-    """Size, spacing, origin and direction of the image as ``imaging.read_image`` returns it."""
-    path = Path(image_path)
+def _image_grid(case: dict) -> dict:
+    """Size, spacing, origin and direction of the case's image as ``imaging.read_case_image``
+    returns it (the manifest's spacing where the header disagrees); ``header_spacing`` keeps the
+    header's, so a mask made on the header grid is still recognised as voxel-aligned."""
+    path = Path(case["image_path"])
     if path.is_dir():  # DICOM series: only the series reader knows the slice order and spacing
         img = imaging.read_image(path)
-        return {"size": img.GetSize(), "spacing": img.GetSpacing(), "origin": img.GetOrigin(),
+        grid = {"size": img.GetSize(), "spacing": img.GetSpacing(), "origin": img.GetOrigin(),
                 "direction": img.GetDirection()}
-    if not path.is_file():
+    elif not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return {"size": reader.GetSize(), "spacing": reader.GetSpacing(), "origin": reader.GetOrigin(),
-            "direction": reader.GetDirection()}
+    else:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        grid = {"size": reader.GetSize(), "spacing": reader.GetSpacing(), "origin": reader.GetOrigin(),
+                "direction": reader.GetDirection()}
+    grid["header_spacing"] = grid["spacing"]
+    grid["spacing"] = tuple(imaging.manifest_spacing(case, grid["spacing"]) or grid["spacing"])
+    return grid
 
 
 def _on_grid(img: sitk.Image, grid: dict, tol: float = 1e-3) -> bool:
+    spacings = (grid["spacing"], grid.get("header_spacing", grid["spacing"]))
     return (tuple(img.GetSize()) == tuple(grid["size"])
-            and np.allclose(img.GetSpacing(), grid["spacing"], rtol=0, atol=tol)
+            and any(np.allclose(img.GetSpacing(), s, rtol=0, atol=tol) for s in spacings)
             and np.allclose(img.GetOrigin(), grid["origin"], rtol=0, atol=tol)
             and np.allclose(img.GetDirection(), grid["direction"], rtol=0, atol=1e-4))
 
@@ -334,11 +341,12 @@ def _totalsegmentator(case: dict, cfg: dict, grid: dict) -> tuple[sitk.Image, st
         import requests
         from totalsegmentator.python_api import totalsegmentator
 
-        if image_path.is_file() and image_path.name.endswith((".nii.gz", ".nii")):
+        if (image_path.is_file() and image_path.name.endswith((".nii.gz", ".nii"))
+                and tuple(grid["spacing"]) == tuple(grid["header_spacing"])):
             inp = image_path
-        else:  # DICOM folder, NRRD, MHA: hand TotalSegmentator a NIfTI (its DICOM path needs dcm2niix)
-            inp = Path(tmp) / "image.nii.gz"
-            sitk.WriteImage(imaging.read_image(image_path), str(inp))
+        else:  # DICOM folder, NRRD, MHA, or spacing fixed from the manifest: hand it a NIfTI
+            inp = Path(tmp) / "image.nii.gz"  # (TotalSegmentator's own DICOM path needs dcm2niix)
+            sitk.WriteImage(imaging.read_case_image(case)[0], str(inp))
         out = Path(tmp) / "seg.nii.gz"
         try:
             totalsegmentator(input=inp, output=out, ml=True, task="total", fast=fast,
@@ -364,7 +372,7 @@ def class_map(backend: str, case: dict, cfg: dict | None = None) -> tuple[sitk.I
     cfg = dict(cfg or {})
     if backend not in BACKENDS:
         raise ValueError(f"unknown segment backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    grid = _image_grid(case["image_path"])
+    grid = _image_grid(case)
     if backend == "phantom":
         mask_path = case.get("mask_path")
         if not mask_path:
