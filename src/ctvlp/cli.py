@@ -173,6 +173,21 @@ def cmd_evaluate(args):
     print(paths["md"].read_text())
 
 
+def cmd_predict(args):
+    from . import predict
+
+    if args.params is not None:
+        raise SystemExit("ctvlp predict takes --config (the workflow config the model was trained with)")
+    model = predict.load_model(args.model, args.config, args.thresholds, args.device)
+    pred = model.predict(args.scan, mask=args.mask)
+    out = args.out or Path(args.model) / "predictions" / str(pred["case_id"][0])
+    paths = predict.write(pred, out)
+    from .evaluate import markdown
+
+    print(markdown(pred.select("disease", "anatomy", "probability", "threshold", "decision", "reason")))
+    log.info("wrote %s and %s", paths["csv"], paths["json"])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="ctvlp", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -216,6 +231,15 @@ def main(argv=None):
     p = add("evaluate", cmd_evaluate, "zero-shot diagnosis tables")
     for a in ("--model", "--manifest", "--results", "--ground-truth", "--out-dir"):
         p.add_argument(a, required=True)
+
+    p = add("predict", cmd_predict, "per-disease probabilities and decisions for one CT scan")
+    p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("--mask", default=None, help="its TotalSegmentator multilabel mask (else segment.backend runs)")
+    p.add_argument("--model", required=True, help="trained model folder (model.safetensors + config.json)")
+    p.add_argument("--thresholds", default=None,
+                   help="results/eval/zeroshot.csv: per-disease thresholds chosen on validation (for decisions)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="output prefix for .csv and .json (default MODEL/predictions/<scan>)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

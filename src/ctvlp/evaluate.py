@@ -24,37 +24,52 @@ METRICS = ["auc", "sensitivity", "specificity", "accuracy", "precision", "f1"]
 
 
 @torch.no_grad()
-def embed_cases(model, results, case_ids, device, crop_size=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Anatomy embeddings per case: (M, D) array and (M,) evaluable flags (complete in the scan).
+def embed_volume(model, img, anat, complete, boxes: dict, device, crop_size=None) -> np.ndarray:
+    """(M, D) anatomy embeddings of one preprocessed volume (x, y, z arrays).
 
     crop_size None: one pass over the whole volume. Otherwise one pass per complete anatomy on a
-    crop of crop_size centred on it (``data.anatomy_crop``), as in training; for volumes too
-    large for one pass at the paper's resolution.
+    crop of crop_size centred on its box (``data.anatomy_crop``; boxes from the preprocess meta),
+    as in training; for volumes too large for one pass at the paper's resolution.
     """
-    out = {}
     stride = model.vision.stride
 
-    def encode(img, anat):
-        img, anat = pad_to_multiple(np.asarray(img, np.float32), stride), pad_to_multiple(np.asarray(anat), stride)
-        emb, _ = model.encode_image(torch.from_numpy(img)[None, None].to(device), torch.from_numpy(anat)[None].to(device))
+    def encode(im, an):
+        im, an = pad_to_multiple(np.asarray(im, np.float32), stride), pad_to_multiple(np.asarray(an), stride)
+        emb, _ = model.encode_image(torch.from_numpy(im)[None, None].to(device), torch.from_numpy(an)[None].to(device))
         return emb[0].float().cpu().numpy()
 
+    if crop_size is None:
+        return encode(img, anat)
+    emb = np.zeros((len(complete), model.vis_proj.bias.shape[1]), np.float32)
+    for a in catalog.anatomies():
+        if complete[a.index - 1] and a.name in boxes:
+            sl = data.anatomy_crop(boxes[a.name], img.shape, crop_size)
+            emb[a.index - 1] = encode(img[sl], anat[sl])[a.index - 1]
+    return emb
+
+
+def embed_cases(model, results, case_ids, device, crop_size=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Anatomy embeddings per case: (M, D) array and (M,) evaluable flags (complete in the scan)."""
+    out = {}
     for case_id in tqdm(case_ids, desc="embed", unit="case"):
         p = data.case_paths(results, case_id)
-        table = pl.read_parquet(p.table).sort("index")
-        complete = table["complete"].to_numpy()
+        complete = pl.read_parquet(p.table).sort("index")["complete"].to_numpy()
+        boxes = json.loads(p.meta.read_text())["anatomy_bbox"]
         img, anat = np.load(p.image, mmap_mode="r"), np.load(p.anatomy, mmap_mode="r")
-        if crop_size is None:
-            emb = encode(img, anat)
-        else:
-            emb = np.zeros((len(complete), model.vis_proj.bias.shape[1]), np.float32)
-            boxes = json.loads(p.meta.read_text())["anatomy_bbox"]
-            for a in catalog.anatomies():
-                if complete[a.index - 1] and a.name in boxes:
-                    sl = data.anatomy_crop(boxes[a.name], img.shape, crop_size)
-                    emb[a.index - 1] = encode(img[sl], anat[sl])[a.index - 1]
-        out[case_id] = (emb, complete)
+        out[case_id] = (embed_volume(model, img, anat, complete, boxes, device, crop_size), complete)
     return out
+
+
+@torch.no_grad()
+def disease_scores(model, emb: torch.Tensor, disease_catalog: str):
+    """Yield (disease, P(positive) per row) for every zero-shot disease; emb (N, M, D)."""
+    for d in catalog.diseases(disease_catalog):
+        if not d.zero_shot:
+            continue
+        j = catalog.anatomy_by_name(d.anatomy).index - 1
+        pos = prompt_embedding(model, d.positive_prompts, j)
+        neg = prompt_embedding(model, d.negative_prompts, j)
+        yield d, zero_shot_scores(emb[:, j], pos, neg, model.logit_scale).float().cpu().numpy()
 
 
 @torch.no_grad()
@@ -71,13 +86,8 @@ def predict(model_dir, manifest, results, ground_truth, disease_catalog: str, de
     emb = torch.from_numpy(np.stack([embs[c][0] for c in ids])).to(device)  # (cases, M, D)
     complete = np.stack([embs[c][1] for c in ids])  # (cases, M)
     rows = []
-    for d in catalog.diseases(disease_catalog):
-        if not d.zero_shot:
-            continue
+    for d, scores in disease_scores(model, emb, disease_catalog):
         j = catalog.anatomy_by_name(d.anatomy).index - 1
-        pos = prompt_embedding(model, d.positive_prompts, j)
-        neg = prompt_embedding(model, d.negative_prompts, j)
-        scores = zero_shot_scores(emb[:, j], pos, neg, model.logit_scale).float().cpu().numpy()
         for case_id, split, score, ok in zip(ids, splits, scores, complete[:, j]):
             rows.append({"case_id": case_id, "split": split, "disease_id": d.id, "disease": d.name,
                          "anatomy": d.anatomy, "organ": d.organ, "type": d.type, "evaluable": bool(ok),
@@ -197,3 +207,28 @@ def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot
 
 def markdown(df: pl.DataFrame) -> str:
     return tabulate(df.rows(), headers=df.columns, tablefmt="github", floatfmt=".3f", missingval="n/a") + "\n"
+
+
+ABLATION = {  # variant -> the paper's Table 5 wording
+    "clip": "CLIP-style global alignment (whole volume vs whole report)",
+    "fvlm": "fVLM: anatomy-wise alignment (phase 2 only)",
+    "fvlm_icl": "+ instance-level visual contrastive learning (phase 1 instance, then 2)",
+    "fvlm_dcl": "+ disease-level visual contrastive learning (phases 1-2)",
+    "visd": "+ VSDB = ViSD-Boost (phases 1-4)",
+}
+
+
+def ablation_table(tables: dict[str, str | Path]) -> pl.DataFrame:
+    """One row per variant from its zeroshot.csv: mean test AUC with its 95% bootstrap CI, mean
+    AUC over local and over diffuse diseases, mean sensitivity/specificity/accuracy."""
+    rows = []
+    for variant, path in tables.items():
+        t = pl.read_csv(path)
+        diseases, mean = t.filter(pl.col("disease_id") != "mean"), t.filter(pl.col("disease_id") == "mean").row(0, named=True)
+        by_type = {ty: diseases.filter(pl.col("type") == ty)["auc"].fill_nan(None).mean() for ty in ("local", "diffuse")}
+        rows.append({"variant": variant, "method": ABLATION.get(variant, variant), "auc": mean["auc"],
+                     "auc_ci_low": mean["auc_ci_low"], "auc_ci_high": mean["auc_ci_high"],
+                     "auc_local": by_type["local"], "auc_diffuse": by_type["diffuse"],
+                     "sensitivity": mean["sensitivity"], "specificity": mean["specificity"],
+                     "accuracy": mean["accuracy"], "diseases": len(diseases)})
+    return pl.DataFrame(rows)
