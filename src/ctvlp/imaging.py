@@ -52,7 +52,7 @@ def manifest_spacing(case: dict, header_spacing) -> list[float] | None:
     metadata CSV does (ingest puts it in the manifest); for other sources both agree.
     """
     vals = [case.get(f"spacing_{a}") for a in "xyz"]
-    if any(v is None for v in vals) or np.allclose(vals, header_spacing, rtol=1e-3, atol=1e-4):
+    if len(header_spacing) != 3 or any(v is None for v in vals) or np.allclose(vals, header_spacing, rtol=1e-3, atol=1e-4):
         return None
     return [float(v) for v in vals]
 
@@ -116,18 +116,19 @@ def verify_nifti_data(path: Path) -> None:
         raise CaseExcluded(f"truncated file {path}: {length} bytes of data, header needs {expected}")
 
 
-def check_image(path: str | Path, cfg: dict, verify_data: bool = False) -> dict:
+def check_image(path: str | Path, cfg: dict, verify_data: bool = False, image: sitk.Image | None = None) -> dict:
     """Header-level checks shared by segment and preprocess: readable, CT, 3D, enough slices,
-    plausible spacing; with ``verify_data`` also that a NIfTI file is complete. Raises
-    ``CaseExcluded``; returns the grid (size, spacing)."""
+    plausible spacing; with ``verify_data`` also that a NIfTI file is complete. ``image``: the
+    already read image (a DICOM series is then not read a second time). Raises ``CaseExcluded``;
+    returns the grid (size, spacing)."""
     path = Path(path)
     if verify_data and path.name.endswith((".nii", ".nii.gz")):
         verify_nifti_data(path)
     mod = modality(path)
     if mod and mod != "CT":
         raise CaseExcluded(f"DICOM modality {mod}, not CT")
-    if path.is_dir():
-        img = read_image(path)
+    if image is not None or path.is_dir():
+        img = image if image is not None else read_image(path)
         size, spacing, dim = img.GetSize(), img.GetSpacing(), img.GetDimension()
     else:
         if not path.is_file():
@@ -237,9 +238,8 @@ def preprocess_case(case: dict, anatomy_path: str | Path, cfg: dict, out_dir: st
     arrays that training memory-maps, and meta.json recording what was done (the QC row).
     Raises ``CaseExcluded`` for unusable input.
     """
-    grid = check_image(case["image_path"], cfg)
     image, spacing_source = read_case_image(case)
-    grid["spacing"] = list(image.GetSpacing())
+    grid = check_image(case["image_path"], cfg, image=image)
     image = sitk.DICOMOrient(image, ORIENTATION)
     raw = sitk.GetArrayViewFromImage(image)
     slope, intercept, decision = qc.hu_conversion(qc.sample(raw), case.get("rescale_slope"),
