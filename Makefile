@@ -8,7 +8,7 @@ CORES ?= all
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install install-test demo test lint clean
+.PHONY: install install-test demo demo-full test lint clean
 
 $(BIN)/ctvlp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ install-test: $(VENV)/.totalseg $(VENV)/.llm
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES)
+
+# demo plus the ablation's other variants (CLIP, fVLM, + instance CL; results/eval/ablation.md)
+demo-full: install
+	$(BIN)/snakemake --cores $(CORES) all ablation
 
 test: install-test
 	$(BIN)/python -m pytest -q

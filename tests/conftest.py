@@ -31,3 +31,45 @@ def ts() -> Path:
 def shared() -> Path:
     _need_real_ct()
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> dict:
+    """A synthetic preprocessed cohort for training tests, written where `ctvlp.data.case_paths` looks:
+    6 train and 2 val cases of 32x32x48 voxels, six box-shaped complete anatomies each (never touching
+    the border), their anatomy tables and report rows (normal or one of two abnormal texts)."""
+    import json
+
+    import numpy as np
+    import polars as pl
+
+    from ctvlp import catalog, data
+
+    root = tmp_path_factory.mktemp("tiny_cohort")
+    rng = np.random.default_rng(0)
+    anatomies = catalog.anatomies()[:6]
+    cases, reports = [], []
+    for i in range(8):
+        cid = f"tiny_{i:02d}"
+        cases.append({"case_id": cid, "split": "train" if i < 6 else "val"})
+        anat = np.zeros((32, 32, 48), np.uint8)
+        for j, a in enumerate(anatomies):
+            x, y, z = 2 + (j % 3) * 10 + rng.integers(0, 2), 2 + (j // 3) * 14 + rng.integers(0, 2), rng.integers(2, 24)
+            anat[x:x + 8, y:y + 10, z:z + 12] = a.index
+            abnormal = rng.random() < 0.4
+            reports.append({"case_id": cid, "anatomy": a.name, "status": "abnormal" if abnormal else "normal",
+                            "text": f"Lesion {rng.integers(0, 2)} in the {a.name}." if abnormal
+                            else f"The {a.name} is unremarkable."})
+        img = (rng.random(anat.shape) * 0.4 + (anat > 0) * 0.1 * (anat % 5)).astype(np.float16)
+        p = data.case_paths(root, cid)
+        for path in (p.image, p.anatomy, p.meta, p.table):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(p.image, img)
+        np.save(p.anatomy, anat)
+        counts = np.bincount(anat.ravel(), minlength=len(catalog.anatomies()) + 1)
+        p.meta.write_text(json.dumps({"anatomy_voxels": {a.name: int(counts[a.index]) for a in catalog.anatomies()}}))
+        pl.DataFrame([{"case_id": cid, "anatomy": a.name, "index": a.index, "present": bool(counts[a.index]),
+                       "complete": bool(counts[a.index])} for a in catalog.anatomies()]).write_parquet(p.table)
+    pl.DataFrame(cases).write_parquet(root / "manifest.parquet")
+    pl.DataFrame(reports).write_parquet(root / "reports.parquet")
+    return {"manifest": root / "manifest.parquet", "reports": root / "reports.parquet", "results": root}

@@ -126,3 +126,24 @@ def test_bootstrap_is_seeded():
     pred = _pred(seed=2)
     assert evaluate.bootstrap_auc(pred, 100, seed=3) == evaluate.bootstrap_auc(pred, 100, seed=3)
     assert evaluate.bootstrap_auc(pred, 100, seed=3) != evaluate.bootstrap_auc(pred, 100, seed=4)
+
+
+def test_ablation_table_reads_each_variants_table(tmp_path):
+    from ctvlp import cli
+
+    paths = {}
+    for variant, aucs in (("fvlm", [0.6, 0.8, 0.7]), ("visd", [0.9, 0.5, 0.4])):
+        t = pl.DataFrame({"disease_id": ["a", "b", "c", "mean"], "type": ["local", "diffuse", "diffuse", ""],
+                          "auc": aucs + [float(np.mean(aucs))], "auc_ci_low": [0.0] * 3 + [0.1],
+                          "auc_ci_high": [1.0] * 3 + [0.9], "sensitivity": [0.5] * 4, "specificity": [0.5] * 4,
+                          "accuracy": [0.5] * 4})
+        paths[variant] = tmp_path / f"{variant}.csv"
+        t.write_csv(paths[variant])
+    cli.main(["ablation", "--variant", f"fvlm={paths['fvlm']}", "--variant", f"visd={paths['visd']}",
+              "--out", str(tmp_path / "ablation.md")])
+    table = pl.read_csv(tmp_path / "ablation.csv")
+    assert table["variant"].to_list() == ["fvlm", "visd"]
+    assert table["auc"].to_list() == pytest.approx([0.7, 0.6])
+    assert table["auc_local"].to_list() == pytest.approx([0.6, 0.9])
+    assert table["auc_diffuse"].to_list() == pytest.approx([0.75, 0.45])
+    assert "ViSD-Boost" in (tmp_path / "ablation.md").read_text()

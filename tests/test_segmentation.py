@@ -13,7 +13,6 @@ import SimpleITK as sitk
 
 from ctvlp import catalog, imaging, segmentation
 
-from conftest import TS
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:

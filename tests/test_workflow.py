@@ -25,8 +25,9 @@ TINY = {
     "cohort": {"n_cases": 24, "split": [0.5, 0.25, 0.25]},
     "preprocess": {"spacing": [8.0, 8.0, 8.0]},
     "model": {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32, "token_stage": 3,
-              "train_text_head": False},
-    "train": {"epochs": 2, "batch_size": 4, "crop_size": [40, 32, 48], "lr": 1e-3, "threads": 2},
+              "train_text_head": False, "vq_codes": 4, "vq_dim": 16, "vq_depth": 1, "vq_heads": 2},
+    "train": {"epochs": 2, "batch_size": 4, "crop_size": [40, 32, 48], "lr": 1e-3, "threads": 2,
+              "visual_cl": {"epochs": 1}, "normality": {"epochs": 1}, "boost": {"epochs": 1}},
     "evaluate": {"bootstrap": 100},
 }
 
@@ -85,6 +86,11 @@ def test_outputs_hold_what_each_stage_promises(run):
     assert metrics["loss"].is_finite().all()
     model = load_model(r / "train/align")
     assert model.vision.net.layer4[0].conv1.out_channels == 16
+    # the four phases ran in a chain: phase 2 started from phase 1, the evaluated model is phase 4's
+    assert json.loads((r / "train/align/config.json").read_text())["init"].endswith("train/visual_cl")
+    assert load_model(r / "train/boost").boost
+    normality = json.loads((r / "train/normality/config.json").read_text())["normality"]
+    assert normality["n_normal"] > 0 and normality["recon_normal"] > 0
     # evaluation: one row per zero-shot demo disease plus the mean; numbers recomputed from predictions
     table = pl.read_csv(r / "eval/zeroshot.csv")
     pred = pl.read_parquet(r / "eval/predictions.parquet")
@@ -101,8 +107,8 @@ def test_outputs_hold_what_each_stage_promises(run):
     mean = table.filter(pl.col("disease_id") == "mean").row(0, named=True)
     assert mean["auc_ci_low"] <= mean["auc"] <= mean["auc_ci_high"]
     # every rule wrote a log and a benchmark
-    assert (r / "logs/train_align.log").stat().st_size > 0
-    assert (r / "benchmarks/train_align.tsv").read_text().startswith("s\t")
+    assert (r / "logs/train/train_align.log").stat().st_size > 0
+    assert (r / "benchmarks/train/train_align.tsv").read_text().startswith("s\t")
 
 
 def test_rerun_has_nothing_to_do(run):
@@ -117,7 +123,8 @@ def test_parameter_change_reruns_only_dependent_rules(run):
         assert planned_rules(run) == {"evaluate_zeroshot", "all"}
         cfg["preprocess"]["spacing"] = [9.0, 9.0, 9.0]
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-        assert planned_rules(run) == {"preprocess", "qc", "train_align", "evaluate_zeroshot", "all"}
+        assert planned_rules(run) == {"preprocess", "qc", "train_visual_cl", "train_align", "train_normality", "train_boost",
+                                      "evaluate_zeroshot", "all"}
     finally:
         (run / "config.yaml").write_text(yaml.safe_dump(TINY))
 

@@ -151,11 +151,25 @@ def cmd_reports(args):
 
 
 def cmd_train(args):
-    from .train import train
+    from .phases import run
 
     s = _settings(args)
-    summary = train(args.manifest, args.reports, args.results, args.out_dir, s["model"], s["train"], s["seed"])
-    log.info("trained %d steps; final validation loss %.4f", summary["steps"], summary["final_val_loss"])
+    summary = run(args.phase, args.manifest, args.reports, args.results, args.out_dir, s["model"], s["train"],
+                  s["seed"], init=args.init, contrast=args.contrast)
+    log.info("phase %s: %d steps; final validation loss %s", args.phase, summary["steps"],
+             summary["history"][-1] if summary.get("history") else None)
+
+
+def cmd_ablation(args):
+    from . import evaluate
+
+    tables = dict(item.split("=", 1) for item in args.variant)
+    table = evaluate.ablation_table(tables)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.write_csv(out.with_suffix(".csv"))
+    out.write_text(evaluate.markdown(table))
+    print(out.read_text())
 
 
 def cmd_evaluate(args):
@@ -225,9 +239,16 @@ def main(argv=None):
     p = add("reports", cmd_reports, "parse reports into per-anatomy text and status")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
-    p = add("train", cmd_train, "anatomy-wise image-report alignment")
+    p = add("train", cmd_train, "train one phase (visual_cl, align, normality, boost) or the CLIP baseline (global)")
     for a in ("--manifest", "--reports", "--results", "--out-dir"):
         p.add_argument(a, required=True)
+    p.add_argument("--phase", default="align", choices=["visual_cl", "align", "normality", "boost", "global"])
+    p.add_argument("--init", default=None, help="folder of the previous phase's model to start from")
+    p.add_argument("--contrast", default="disease", choices=["disease", "instance"],
+                   help="phase 1: disease-level (Eq. 2) or instance-level (ablation baseline)")
+    p = add("ablation", cmd_ablation, "the ablation table from each variant's zeroshot.csv")
+    p.add_argument("--variant", action="append", required=True, help="NAME=path/to/zeroshot.csv (repeat)")
+    p.add_argument("--out", required=True, help="ablation.md (and .csv beside it)")
     p = add("evaluate", cmd_evaluate, "zero-shot diagnosis tables")
     for a in ("--model", "--manifest", "--results", "--ground-truth", "--out-dir"):
         p.add_argument(a, required=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from tabulate import tabulate
 from tqdm import tqdm
@@ -38,6 +39,10 @@ def embed_volume(model, img, anat, complete, boxes: dict, device, crop_size=None
         emb, _ = model.encode_image(torch.from_numpy(im)[None, None].to(device), torch.from_numpy(an)[None].to(device))
         return emb[0].float().cpu().numpy()
 
+    if model.vis_global is not None:  # CLIP-style baseline: one whole-volume embedding for every anatomy
+        im = pad_to_multiple(np.asarray(img, np.float32), stride)
+        emb = model.encode_image_global(torch.from_numpy(im)[None, None].to(device))[0].float().cpu().numpy()
+        return np.repeat(emb[None], len(complete), axis=0)
     if crop_size is None:
         return encode(img, anat)
     emb = np.zeros((len(complete), model.vis_proj.bias.shape[1]), np.float32)
@@ -67,8 +72,12 @@ def disease_scores(model, emb: torch.Tensor, disease_catalog: str):
         if not d.zero_shot:
             continue
         j = catalog.anatomy_by_name(d.anatomy).index - 1
-        pos = prompt_embedding(model, d.positive_prompts, j)
-        neg = prompt_embedding(model, d.negative_prompts, j)
+        if model.vis_global is not None:
+            pos = F.normalize(model.encode_report_global(list(d.positive_prompts)).mean(0), dim=-1)
+            neg = F.normalize(model.encode_report_global(list(d.negative_prompts)).mean(0), dim=-1)
+        else:
+            pos = prompt_embedding(model, d.positive_prompts, j)
+            neg = prompt_embedding(model, d.negative_prompts, j)
         yield d, zero_shot_scores(emb[:, j], pos, neg, model.logit_scale).float().cpu().numpy()
 
 

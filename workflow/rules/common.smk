@@ -50,3 +50,48 @@ def parent_of(name, up=0):
 
 
 TRAIN_GPU = 1 if config["train"]["device"].startswith("cuda") else 0
+
+
+# ---- training phases and evaluated models (train.smk, evaluate.smk) ----
+
+def phase_inputs(init_phase=None):
+    """Data every phase reads, plus the previous phase's model where the chain has one."""
+
+    def inner(w):
+        inputs = {"manifest": R("qc/cases.parquet"), "reports": R("reports/reports.parquet")}
+        if init_phase and not (init_phase == "visual_cl" and w.chain == "ablation/fvlm"):
+            inputs["init"] = R(f"{w.chain}/{init_phase}/model.safetensors")
+        return inputs
+
+    return inner
+
+
+def phase_rule_params(phase):
+    return dict(
+        settings=settings("model", "train", "seed"),
+        results=parent_of("manifest", up=1),
+        out_dir=parent_of("weights"),
+        init=lambda w, input: f"--init {Path(input.init).parent}" if "init" in input.keys() else "",
+        contrast=lambda w: "instance" if w.chain == "ablation/fvlm_icl" else "disease",
+        phase=phase,
+    )
+
+
+TRAIN_SHELL = (
+    "ctvlp train --phase {params.phase} --params {params.settings:q} --manifest {input.manifest:q}"
+    " --reports {input.reports:q} --results {params.results:q} --out-dir {params.out_dir:q} {params.init}"
+    " --contrast {params.contrast} > {log:q} 2>&1"
+)
+
+
+VARIANT_MODEL = {
+    "fvlm": "ablation/fvlm/align",
+    "fvlm_icl": "ablation/fvlm_icl/align",
+    "fvlm_dcl": "train/align",
+    "clip": "ablation/clip/global",
+}
+
+
+def model_of(w):
+    folder = "train/boost" if w.evaldir == "eval" else VARIANT_MODEL[w.evaldir.split("/")[-1]]
+    return {"weights": R(f"{folder}/model.safetensors"), "config": R(f"{folder}/config.json")}

@@ -1,26 +1,31 @@
+# The full method (ViSD-Boost, phase 4's model) is evaluated into results/eval/; each other
+# ablation variant into results/eval/ablation/<variant>/.
+wildcard_constraints:
+    evaldir="eval|eval/ablation/(fvlm|fvlm_icl|fvlm_dcl|clip)",
+
+
 rule evaluate_zeroshot:
     input:
-        weights=R("train/align/model.safetensors"),
-        config=R("train/align/config.json"),
+        unpack(model_of),
         manifest=R("qc/cases.parquet"),
         ground_truth=R("cohort/ground_truth.parquet"),
     output:
-        table=report(R("eval/zeroshot.md"), caption="../report/zeroshot.rst", category="Zero-shot diagnosis"),
-        csv=R("eval/zeroshot.csv"),
-        by_organ=report(R("eval/zeroshot_by_organ.md"), caption="../report/zeroshot_by_organ.rst",
+        table=report(R("{evaldir}/zeroshot.md"), caption="../report/zeroshot.rst", category="Zero-shot diagnosis"),
+        csv=R("{evaldir}/zeroshot.csv"),
+        by_organ=report(R("{evaldir}/zeroshot_by_organ.md"), caption="../report/zeroshot_by_organ.rst",
                         category="Zero-shot diagnosis"),
-        by_type=R("eval/zeroshot_by_type.md"),
-        parquet=R("eval/zeroshot.parquet"),
-        predictions=R("eval/predictions.parquet"),
+        by_type=R("{evaldir}/zeroshot_by_type.md"),
+        parquet=R("{evaldir}/zeroshot.parquet"),
+        predictions=R("{evaldir}/predictions.parquet"),
     params:
         settings=settings("evaluate", "train", "model", "seed"),
         model_dir=parent_of("weights"),
         results=parent_of("manifest", up=1),
         out_dir=parent_of("table"),
     log:
-        R("logs/evaluate_zeroshot.log"),
+        R("logs/{evaldir}/evaluate_zeroshot.log"),
     benchmark:
-        R("benchmarks/evaluate_zeroshot.tsv")
+        R("benchmarks/{evaldir}/evaluate_zeroshot.tsv")
     threads: config["train"]["threads"]
     resources:
         mem_mb=4000,
@@ -31,3 +36,22 @@ rule evaluate_zeroshot:
         "ctvlp evaluate --params {params.settings:q} --model {params.model_dir:q} --manifest {input.manifest:q}"
         " --results {params.results:q} --ground-truth {input.ground_truth:q} --out-dir {params.out_dir:q}"
         " > {log:q} 2>&1"
+
+
+rule ablation:
+    input:
+        visd=R("eval/zeroshot.csv"),
+        **{v: R(f"eval/ablation/{v}/zeroshot.csv") for v in ("clip", "fvlm", "fvlm_icl", "fvlm_dcl")},
+    output:
+        table=report(R("eval/ablation.md"), caption="../report/ablation.rst", category="Zero-shot diagnosis"),
+        csv=R("eval/ablation.csv"),
+    log:
+        R("logs/ablation.log"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "ctvlp ablation --variant clip={input.clip:q} --variant fvlm={input.fvlm:q} --variant fvlm_icl={input.fvlm_icl:q}"
+        " --variant fvlm_dcl={input.fvlm_dcl:q} --variant visd={input.visd:q} --out {output.table:q} > {log:q} 2>&1"

@@ -1,0 +1,270 @@
+"""The phase runner: exact resume (in process and after SIGKILL), non-finite losses, settings
+mismatches, and DDP gradients with gathered negatives equal to one process on the global batch."""
+
+import copy
+import csv
+import datetime
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ctvlp import config
+from ctvlp.model import CTVLP, N_ANATOMIES
+from ctvlp.train import (
+    CHECKPOINT,
+    TextBank,
+    autocast_dtype,
+    batch_loss,
+    checkpoint_state,
+    model_state,
+    run_phase,
+    train,
+    warmup_cosine,
+    wrap_step,
+)
+
+CPU = torch.device("cpu")
+TOY = {"epochs": 3, "batch_size": 4, "lr": 0.05, "min_lr": 1e-3, "warmup_epochs": 1, "weight_decay": 0.01,
+       "grad_clip": 1.0, "checkpoint_every": 1}
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Toy(torch.utils.data.Dataset):
+    """13 samples: with batch 4 and drop_last, 3 steps per epoch; the data shift with the epoch."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(13, 3, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(13, generator=g)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i] + 0.1 * self.epoch, "y": self.y[i]}
+
+
+def toy_run(out, cfg=TOY, stop_at=None, nan_at=None):
+    """run_phase on a small MLP with BatchNorm; the step draws noise from the global RNG, and a
+    momentum copy (checkpointed as an extra module) follows the model after each step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    momentum = copy.deepcopy(model).requires_grad_(False)
+    ds, calls, saved = Toy(), itertools.count(), {}
+
+    @torch.no_grad()
+    def after_step(step, total):
+        for p_m, p in zip(momentum.parameters(), model.parameters()):
+            p_m.mul_(0.9).add_(p, alpha=0.1)
+
+    def step_fn(batch):
+        k = next(calls)
+        if k == stop_at:
+            raise Interrupted
+        noise = 0.1 * torch.randn_like(batch["x"])
+        loss = F.mse_loss(model(batch["x"] + noise).squeeze(-1), batch["y"])
+        return loss * float("nan") if k == nan_at else loss, len(batch["x"]), {"noise": noise.abs().mean()}
+
+    def val_fn():
+        return F.mse_loss(model(ds.x).squeeze(-1), ds.y)
+
+    summary = run_phase("toy", model, None, step_fn, ds, cfg, out, seed=3, device=CPU, fingerprint={"toy": 1},
+                        val_fn=val_fn, after_step=after_step, extra_modules={"momentum": momentum},
+                        metrics=("noise",), save_fn=lambda s: saved.update(
+                            **model_state(model), **{f"momentum.{k}": v for k, v in model_state(momentum).items()}))
+    return saved, summary
+
+
+def rows(path, drop=("samples_per_s",)):
+    with open(path, newline="") as fh:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(fh)]
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+
+
+def test_interrupted_phase_resumes_exactly(tmp_path):
+    ref, ref_summary = toy_run(tmp_path / "ref")
+    assert ref_summary["resumed_from_step"] is None and ref_summary["steps"] == 9
+    assert not (tmp_path / "ref" / CHECKPOINT).exists()  # removed once the final weights are written
+    every2 = {**TOY, "checkpoint_every": 2}
+    with pytest.raises(Interrupted):  # checkpoints after steps 2, 3 (epoch end), 4; step 5 is logged, then stop
+        toy_run(tmp_path / "b", cfg=every2, stop_at=5)
+    state = checkpoint_state(tmp_path / "b" / CHECKPOINT)
+    assert (state["step"], state["epoch"], state["pos"]) == (4, 1, 1)  # mid-epoch
+    got, summary = toy_run(tmp_path / "b", cfg=every2)
+    assert summary["resumed_from_step"] == 4
+    assert_same_state(ref, got)
+    assert [h["loss"] for h in summary["history"]] == [h["loss"] for h in ref_summary["history"]]
+    assert rows(tmp_path / "b" / "metrics.csv") == rows(tmp_path / "ref" / "metrics.csv")
+    train_rows = [r for r in rows(tmp_path / "ref" / "metrics.csv") if r["split"] == "train"]
+    assert [float(r["lr"]) for r in train_rows] == pytest.approx(
+        [TOY["lr"] * warmup_cosine(s, 9, 3, TOY["lr"], TOY["min_lr"]) for s in range(9)], rel=1e-3)
+    assert all(float(r["noise"]) > 0 for r in train_rows)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    ref, _ = toy_run(tmp_path / "ref")
+    with pytest.raises(FloatingPointError, match="non-finite loss.*step 4.*is kept"):
+        toy_run(tmp_path / "b", nan_at=4)
+    ckpt = tmp_path / "b" / CHECKPOINT
+    assert checkpoint_state(ckpt)["step"] == 4
+    assert all(torch.isfinite(v).all() for v in load_file(ckpt).values() if v.is_floating_point())
+    got, summary = toy_run(tmp_path / "b")  # the checkpoint is good: resuming gives the uninterrupted result
+    assert summary["resumed_from_step"] == 4
+    assert_same_state(ref, got)
+
+
+def test_other_settings_refuse_the_checkpoint_unless_resume_is_off(tmp_path):
+    with pytest.raises(Interrupted):
+        toy_run(tmp_path, stop_at=3)
+    other = {**TOY, "lr": 0.01}
+    with pytest.raises(RuntimeError, match=f"{tmp_path}.*train.lr"):
+        toy_run(tmp_path, cfg=other)
+    assert checkpoint_state(tmp_path / CHECKPOINT)["step"] == 3
+    ref, _ = toy_run(tmp_path / "ref", cfg=other)
+    got, summary = toy_run(tmp_path, cfg={**other, "resume": False})
+    assert summary["resumed_from_step"] is None
+    assert_same_state(ref, got)
+    # runtime-only settings (threads, checkpoint frequency, ...) do not block a resume
+    with pytest.raises(Interrupted):
+        toy_run(tmp_path / "c", stop_at=3)
+    _, summary = toy_run(tmp_path / "c", cfg={**TOY, "checkpoint_every": 5, "threads": 7})
+    assert summary["resumed_from_step"] == 3
+
+
+def test_precision_is_bf16_only_on_cuda():
+    assert autocast_dtype("auto", CPU) is None and autocast_dtype("bf16", CPU) is None
+    assert autocast_dtype("bf16", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("fp32", torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype("fp16", CPU)
+
+
+# ---- the real phase 2 in a subprocess, killed with SIGKILL -----------------------------------
+
+SCRIPT = "import json, sys; from ctvlp.train import train; a = json.loads(sys.argv[1]); " \
+         "train(a['manifest'], a['reports'], a['results'], a['out'], a['model'], a['train'], 1)"
+
+
+def test_sigkilled_training_resumes_to_identical_weights(tiny_cohort, tmp_path, caplog):
+    cfg_model = {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32, "token_stage": 3}
+    cfg_train = config.validate({"train": {"epochs": 2, "batch_size": 2, "crop_size": [32, 32, 48], "lr": 1e-3,
+                                           "threads": 1, "device": "cpu"}})["train"]
+    cfg_train["checkpoint_every"] = 1
+    args = {**{k: str(v) for k, v in tiny_cohort.items()}, "model": cfg_model, "train": cfg_train,
+            "out": str(tmp_path / "run")}
+    run = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(args)], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = tmp_path / "run" / CHECKPOINT
+
+    def kill_at_first_checkpoint():
+        deadline = time.time() + 300
+        while not ckpt.exists() and run.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        run.send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_at_first_checkpoint, daemon=True)
+    killer.start()
+    paths = [tiny_cohort[k] for k in ("manifest", "reports", "results")]
+    train(*paths, tmp_path / "ref", cfg_model, cfg_train, 1)  # the uninterrupted reference, meanwhile
+    killer.join()
+    out = run.communicate()[0]
+    assert run.returncode == -signal.SIGKILL, out[-3000:]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert 1 <= checkpoint_state(ckpt)["step"] < 6  # 6 training cases / batch 2 * 2 epochs
+    with caplog.at_level(logging.INFO, logger="ctvlp.train"):
+        summary = train(*paths, tmp_path / "run", cfg_model, cfg_train, 1)
+    assert "resuming from" in caplog.text and not ckpt.exists()
+    ref, got = (load_file(tmp_path / d / "model.safetensors") for d in ("ref", "run"))
+    assert_same_state(ref, got)
+    assert rows(tmp_path / "run" / "metrics.csv") == rows(tmp_path / "ref" / "metrics.csv")
+    assert len([r for r in rows(tmp_path / "run" / "metrics.csv") if r["split"] == "val"]) == 2
+    info = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert info["resumed_from_step"] == summary["resumed_from_step"] >= 1
+    assert info["trainable"]["align"] and not any(n.startswith("text_encoder.") for n in info["trainable"]["align"])
+    assert "trainable tensors" in caplog.text
+
+
+# ---- DDP: 2 gloo processes against one process on the global batch ---------------------------
+
+TEXTS = ["The liver is unremarkable.", "Hepatic cyst.", "Renal stone.", "The spleen is enlarged."]
+
+
+def _ddp_case(empty_half: bool):
+    """A tiny model (eval: BatchNorm uses running statistics, identical however the batch is split)
+    and a fixed global batch of 4 whose text ids repeat across the halves. empty_half: the second
+    half has no valid anatomy (that process never runs the text path)."""
+    torch.manual_seed(0)
+    model = CTVLP(widths=(4, 8, 8, 16), embed_dim=16, heads=2, text_max_length=32).eval()
+    g = torch.Generator().manual_seed(1)
+    valid = torch.rand(4, N_ANATOMIES, generator=g) < 0.7
+    valid[2:] &= not empty_half
+    tidx = torch.randint(0, len(TEXTS), (4, N_ANATOMIES), generator=g).masked_fill(~valid, -1)
+    batch = {"image": torch.rand(4, 1, 32, 32, 32, generator=g),
+             "anatomy": torch.randint(0, N_ANATOMIES + 1, (4, 32, 32, 32), generator=g, dtype=torch.uint8),
+             "valid": valid, "normal": torch.rand(4, N_ANATOMIES, generator=g) < 0.5, "text_idx": tidx}
+    return model, TextBank(model, TEXTS, CPU), batch
+
+
+def _loss_and_grads(model, bank, batch):
+    step = wrap_step(model, lambda b: (*batch_loss(model, bank, b, CPU, True, gather=True), {}), CPU)
+    loss, pairs, _ = step(batch)
+    loss.backward()
+    return {"loss": loss.detach().reshape(1), "pairs": torch.tensor([pairs]),
+            **{f"grad.{n}": p.grad for n, p in model.named_parameters() if p.grad is not None}}
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        for empty_half in (False, True):
+            model, bank, batch = _ddp_case(empty_half)
+            half = len(batch["image"]) // world
+            local = {k: v[rank * half:(rank + 1) * half] for k, v in batch.items()}
+            save_file(_loss_and_grads(model, bank, local), str(out / f"{empty_half}.rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_gathered_negatives_matches_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    torch.set_num_threads(1)
+    for empty_half in (False, True):
+        single = _loss_and_grads(*_ddp_case(empty_half))
+        assert single["pairs"].item() > 8 and any(k.startswith("grad.txt_pool") for k in single)
+        for rank in range(2):
+            got = load_file(tmp_path / f"{empty_half}.rank{rank}.safetensors")
+            assert got.keys() == single.keys()
+            assert got["pairs"].item() == single["pairs"].item()  # the loss saw the global batch
+            assert torch.allclose(got["loss"], single["loss"], atol=1e-6)
+            for k, v in single.items():
+                assert torch.allclose(got[k], v, rtol=1e-4, atol=1e-7), (empty_half, rank, k)
