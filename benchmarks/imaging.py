@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu  # benchmarks/machine.py (the script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SPACING = [1.0, 1.0, 5.0]
 HU_WINDOW = [-1000, 1000]
@@ -68,16 +70,6 @@ def _status_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return -1
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _os_name() -> str:
@@ -714,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     cmd = " ".join(["python", "benchmarks/imaging.py", *(sys.argv[1:] if argv is None else argv)])
-    info = {"node": platform.node(), "cpu": _cpu(), "cores": os.cpu_count(), "ram_gib": _ram_gib(), "os": _os_name(),
+    info = {"node": platform.node(), "cpu": cpu(), "cores": os.cpu_count(), "ram_gib": _ram_gib(), "os": _os_name(),
             "python": platform.python_version(), "versions": _versions(),
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "runtime_s": time.perf_counter() - t_start, "load_start": load_start, "load_end": os.getloadavg()[0],

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu  # benchmarks/machine.py (the script's folder is on sys.path)
+
 import numpy as np
 import polars as pl
 from sklearn.metrics import precision_recall_fscore_support
@@ -32,16 +34,6 @@ from sklearn.metrics import precision_recall_fscore_support
 from ctvlp import catalog, reports
 
 BACKENDS = ("rules",)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def predict(df: pl.DataFrame, backend: str, uncertain_positive: bool) -> tuple[np.ndarray, list[str], float]:
@@ -112,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- data: `{Path(args.csv).name}` ({df.height} reports)",
             f"- backend: {args.backend} ({reports.PARSER_VERSION}); uncertain findings count as "
             f"{'1' if args.uncertain == 'positive' else '0'}",
-            f"- machine: {platform.node()}, {_cpu()}, Python {platform.python_version()}",
+            f"- machine: {platform.node()}, {cpu()}, Python {platform.python_version()}",
             f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
             f"- parse time: {seconds:.2f} s ({1000 * seconds / max(df.height, 1):.1f} ms per report)",
             "",
