@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 CORES ?= all
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
+# report texts, papers and catalogs are UTF-8 whatever the locale of the machine
+export PYTHONUTF8 := 1
 
 .PHONY: install install-test demo demo-full test lint clean
 

@@ -66,7 +66,7 @@ SYNTH_SHAPE = (400, 400, 150)
 
 
 def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return -1
@@ -74,7 +74,7 @@ def _status_kb(field: str) -> int:
 
 def _os_name() -> str:
     try:
-        for line in Path("/etc/os-release").read_text().splitlines():
+        for line in Path("/etc/os-release").read_text(encoding="utf-8").splitlines():
             if line.startswith("PRETTY_NAME="):
                 return line.split("=", 1)[1].strip('"')
     except OSError:
@@ -83,7 +83,7 @@ def _os_name() -> str:
 
 
 def _ram_gib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
+    for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) / 2**20
     return float("nan")

@@ -7,7 +7,7 @@ from pathlib import Path
 def cpu() -> str:
     """The CPU model (from /proc/cpuinfo on Linux)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:

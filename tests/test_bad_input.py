@@ -116,7 +116,7 @@ def test_every_case_is_kept_or_excluded_with_its_reason(corpus):
         assert words in reasons[cid], (cid, reasons[cid])
     # an excluded case leaves only its record, never half-written arrays
     assert sorted(p.name for p in (d / "preprocessed/double_rescaled").iterdir()) == ["excluded.json"]
-    summary = (d / "qc/summary.md").read_text()
+    summary = (d / "qc/summary.md").read_text(encoding="utf-8")
     assert "cases processed and kept: 3" in summary and "mismatched_mask" in summary
 
 

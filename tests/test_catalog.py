@@ -120,7 +120,7 @@ NEGATION = re.compile(r"\b(no|not|without|unremarkable|normal)\b", re.IGNORECASE
 def _label_map() -> dict[int, str]:
     if not LABEL_MAP_JSON.is_file():
         pytest.skip(f"TotalSegmentator v2 label map not found at {LABEL_MAP_JSON}")
-    return {int(k): v for k, v in json.loads(LABEL_MAP_JSON.read_text()).items()}
+    return {int(k): v for k, v in json.loads(LABEL_MAP_JSON.read_text(encoding="utf-8")).items()}
 
 
 def _mentions(text: str, phrases) -> bool:
@@ -290,7 +290,7 @@ def test_table9_transcription_matches_paper_text():
     if not PAPER.is_file():
         pytest.skip(f"paper text not found at {PAPER}")
     rows = {}
-    for line in PAPER.read_text().splitlines():
+    for line in PAPER.read_text(encoding="utf-8").splitlines():
         m = re.match(r"^(Local|Diffuse)\t(.+)$", line)
         if m and "," in m.group(2):
             rows[m.group(1)] = [s.strip() for s in m.group(2).split(",")]

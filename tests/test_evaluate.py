@@ -78,7 +78,7 @@ def test_tables_equal_recomputation_from_predictions(tmp_path):
         assert row["auc"] == pytest.approx(auc) and row["threshold"] == pytest.approx(thr)
     mean = csv.filter(pl.col("disease_id") == "mean").row(0, named=True)
     assert mean["auc"] == pytest.approx(table["auc"].mean())
-    md = paths["md"].read_text()
+    md = paths["md"].read_text(encoding="utf-8")
     assert md.count("\n") == len(table) + 3 and f"{table['auc'][0]:.3f}" in md
 
 
@@ -108,7 +108,7 @@ def test_organ_and_type_tables_average_their_diseases(tmp_path):
     assert organ.filter(pl.col("organ") == "spleen")["diseases"][0] == 1
     kind = pl.read_csv(paths["by_type_csv"])
     assert kind.filter(pl.col("type") == "local")["auc"][0] == pytest.approx((auc["a"] + auc["c"]) / 2)
-    assert "spleen" in paths["by_organ_md"].read_text()
+    assert "spleen" in paths["by_organ_md"].read_text(encoding="utf-8")
 
 
 def test_mean_row_skips_undefined_metrics(tmp_path):
@@ -146,4 +146,4 @@ def test_ablation_table_reads_each_variants_table(tmp_path):
     assert table["auc"].to_list() == pytest.approx([0.7, 0.6])
     assert table["auc_local"].to_list() == pytest.approx([0.6, 0.9])
     assert table["auc_diffuse"].to_list() == pytest.approx([0.75, 0.45])
-    assert "ViSD-Boost" in (tmp_path / "ablation.md").read_text()
+    assert "ViSD-Boost" in (tmp_path / "ablation.md").read_text(encoding="utf-8")

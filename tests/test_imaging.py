@@ -72,7 +72,7 @@ def test_preprocess_spacing_and_range(real_ct, tmp_path):
     assert img.min() >= 0.0 and img.max() <= 1.0
     assert img.min() == 0.0  # air at or below -1000 HU clips to 0
     assert set(np.unique(anat)) <= set(range(37))
-    assert json.loads((tmp_path / "pre" / "meta.json").read_text())["orientation"] == "LPS"
+    assert json.loads((tmp_path / "pre" / "meta.json").read_text(encoding="utf-8"))["orientation"] == "LPS"
 
 
 def test_scale_hu_window():

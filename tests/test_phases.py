@@ -45,7 +45,7 @@ def _same(a, b):
 
 def test_each_phase_trains_exactly_its_groups(chain):
     for phase, folder in chain.items():
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         groups = {name.split(".")[0] for name in cfg["trainable"][phase]}
         assert groups == set(PHASE_TRAINABLE[phase]) - {"text_encoder"}, phase  # train_text_encoder is off
     # phase 3 freezes the vision side: identical to phase 2's; its VQ-VAE is new
@@ -66,7 +66,7 @@ def test_losses_fall(chain):
 
 
 def test_normality_reports_codebook_and_recon_error(chain):
-    cfg = json.loads((chain["normality"] / "config.json").read_text())["normality"]
+    cfg = json.loads((chain["normality"] / "config.json").read_text(encoding="utf-8"))["normality"]
     assert cfg["n_normal"] > 0 and cfg["n_abnormal"] > 0
     assert cfg["recon_normal"] > 0 and cfg["recon_abnormal"] > 0
     assert 1.0 <= cfg["mean_perplexity"] <= MODEL["vq_codes"] and 0 <= cfg["mean_dead_codes"] < MODEL["vq_codes"]

@@ -49,7 +49,7 @@ def test_api_and_cli_agree_on_a_real_ct(ts, model_dir, tmp_path):
     cfg.write_text(json.dumps(CONFIG))
     cli.main(["predict", str(scan), "--mask", str(mask), "--model", str(model_dir), "--config", str(cfg),
               "--thresholds", str(model_dir / "zeroshot.csv"), "--device", "cpu", "--out", str(tmp_path / "p")])
-    written = json.loads((tmp_path / "p.json").read_text())
+    written = json.loads((tmp_path / "p.json").read_text(encoding="utf-8"))
     assert [r["probability"] for r in written] == pred["probability"].to_list()
     assert pl.read_csv(tmp_path / "p.csv")["decision"].to_list() == pred["decision"].to_list()
 

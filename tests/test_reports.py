@@ -372,7 +372,7 @@ def test_benchmark_on_handwritten_csv(tmp_path):
     assert table["label"].to_list() == HEADER[2:]
     f1 = dict(zip(table["label"], table["f1"]))
     assert f1["Cardiomegaly"] == f1["Pleural effusion"] == f1["Medical material"] == 1.0
-    md = (out / "report_labels.md").read_text()
+    md = (out / "report_labels.md").read_text(encoding="utf-8")
     import platform
 
     assert platform.node() in md and "macro F1" in md

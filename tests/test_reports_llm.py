@@ -342,7 +342,7 @@ def test_truncated_answers_end_unparsed_with_reason_and_are_cached(server, tmp_p
     assert err.startswith("invalid answer: answer truncated") and "after repair" in err
     assert stats.repairs == 2 and stats.unparsed == 2
     assert stats.requests - stats.format_probes == 4  # one answer + one repair per report
-    entry = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
+    entry = json.loads(next((tmp_path / "cache").glob("*.json")).read_text(encoding="utf-8"))
     assert entry["outcome"] == "unparsed" and len(entry["raw"]) == 2
 
     stats2 = reports_llm.LLMStats()  # cached outcome: no request

@@ -195,7 +195,7 @@ def test_totalsegmentator_real_call_without_weights(ts, empty_totalseg_home, mon
     assert "downloading them failed (ConnectionError" in msg or "downloading them failed (ProxyError" in msg
     assert "totalseg_download_weights -t total_fast" in msg and "segment.download" not in msg
     # usage statistics were switched off before TotalSegmentator ran
-    config = json.loads((empty_totalseg_home / "config.json").read_text())
+    config = json.loads((empty_totalseg_home / "config.json").read_text(encoding="utf-8"))
     assert config["send_usage_stats"] is False
     assert config["totalseg_id"].startswith("totalseg_")
     assert not list((empty_totalseg_home / "nnunet" / "results").glob("*.zip"))

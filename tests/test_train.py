@@ -203,7 +203,7 @@ def test_sigkilled_training_resumes_to_identical_weights(tiny_cohort, tmp_path, 
     assert_same_state(ref, got)
     assert rows(tmp_path / "run" / "metrics.csv") == rows(tmp_path / "ref" / "metrics.csv")
     assert len([r for r in rows(tmp_path / "run" / "metrics.csv") if r["split"] == "val"]) == 2
-    info = json.loads((tmp_path / "run" / "config.json").read_text())
+    info = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
     assert info["resumed_from_step"] == summary["resumed_from_step"] >= 1
     assert info["trainable"]["align"] and not any(n.startswith("text_encoder.") for n in info["trainable"]["align"])
     assert "trainable tensors" in caplog.text

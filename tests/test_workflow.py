@@ -67,7 +67,7 @@ def test_outputs_hold_what_each_stage_promises(run):
     assert {"normal", "abnormal"} <= set(rep["status"])
     # preprocessing: target spacing, [0, 1] float16 image, anatomy labels of the catalog
     case = man["case_id"][0]
-    meta = json.loads((r / f"preprocessed/{case}/meta.json").read_text())
+    meta = json.loads((r / f"preprocessed/{case}/meta.json").read_text(encoding="utf-8"))
     assert meta["spacing"] == pytest.approx([8.0, 8.0, 8.0]) and meta["original_spacing"] != meta["spacing"]
     img = np.load(r / f"preprocessed/{case}/image.npy")
     anat = np.load(r / f"preprocessed/{case}/anatomy.npy")
@@ -87,9 +87,9 @@ def test_outputs_hold_what_each_stage_promises(run):
     model = load_model(r / "train/align")
     assert model.vision.net.layer4[0].conv1.out_channels == 16
     # the four phases ran in a chain: phase 2 started from phase 1, the evaluated model is phase 4's
-    assert json.loads((r / "train/align/config.json").read_text())["init"].endswith("train/visual_cl")
+    assert json.loads((r / "train/align/config.json").read_text(encoding="utf-8"))["init"].endswith("train/visual_cl")
     assert load_model(r / "train/boost").boost
-    normality = json.loads((r / "train/normality/config.json").read_text())["normality"]
+    normality = json.loads((r / "train/normality/config.json").read_text(encoding="utf-8"))["normality"]
     assert normality["n_normal"] > 0 and normality["recon_normal"] > 0
     # evaluation: one row per zero-shot demo disease plus the mean; numbers recomputed from predictions
     table = pl.read_csv(r / "eval/zeroshot.csv")
@@ -101,14 +101,14 @@ def test_outputs_hold_what_each_stage_promises(run):
                         & pl.col("evaluable"))
         if t["label"].n_unique() == 2:
             assert row["auc"] == pytest.approx(roc_auc_score(t["label"], t["score"]))
-    assert (r / "eval/zeroshot.md").read_text().count("|") > 20
+    assert (r / "eval/zeroshot.md").read_text(encoding="utf-8").count("|") > 20
     organs = pl.read_csv(r / "eval/zeroshot_by_organ.csv")
     assert set(organs["organ"]) == {d.organ for d in catalog.diseases("demo")}
     mean = table.filter(pl.col("disease_id") == "mean").row(0, named=True)
     assert mean["auc_ci_low"] <= mean["auc"] <= mean["auc_ci_high"]
     # every rule wrote a log and a benchmark
     assert (r / "logs/train/train_align.log").stat().st_size > 0
-    assert (r / "benchmarks/train/train_align.tsv").read_text().startswith("s\t")
+    assert (r / "benchmarks/train/train_align.tsv").read_text(encoding="utf-8").startswith("s\t")
 
 
 def test_rerun_has_nothing_to_do(run):
@@ -116,7 +116,7 @@ def test_rerun_has_nothing_to_do(run):
 
 
 def test_parameter_change_reruns_only_dependent_rules(run):
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     cfg["evaluate"] = {"threshold": "closest"}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     try:

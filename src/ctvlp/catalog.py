@@ -17,7 +17,7 @@ DISEASE_CATALOGS = ("demo", "abdomen", "ctrate")
 
 
 def _load_yaml(name: str) -> dict:
-    return yaml.safe_load(resources.files("ctvlp.catalogs").joinpath(name).read_text())
+    return yaml.safe_load(resources.files("ctvlp.catalogs").joinpath(name).read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def diseases(catalog: str = "demo") -> tuple[Disease, ...]:
             raise FileNotFoundError(
                 f"disease catalog {catalog!r} is neither one of {DISEASE_CATALOGS} nor a file"
             )
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     templates = data.get("prompt_templates", {})
     known = set(anatomy_names())
     out = []

@@ -169,7 +169,7 @@ def cmd_ablation(args):
     out.parent.mkdir(parents=True, exist_ok=True)
     table.write_csv(out.with_suffix(".csv"))
     out.write_text(evaluate.markdown(table))
-    print(out.read_text())
+    print(out.read_text(encoding="utf-8"))
 
 
 def cmd_evaluate(args):
@@ -184,7 +184,7 @@ def cmd_evaluate(args):
     pred.write_parquet(out / "predictions.parquet")
     table, mean_ci = evaluate.metrics_table(pred, s["evaluate"]["threshold"], s["evaluate"]["bootstrap"], s["seed"])
     paths = evaluate.write_tables(table, out, mean_ci=mean_ci)
-    print(paths["md"].read_text())
+    print(paths["md"].read_text(encoding="utf-8"))
 
 
 def cmd_predict(args):

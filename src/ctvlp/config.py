@@ -21,7 +21,7 @@ def load_schema() -> dict:
     # from the repository by `make`).
     if not SCHEMA_PATH.is_file():
         raise ConfigError(f"config schema not found at {SCHEMA_PATH}; install ctvlp editable from its repository")
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
 def _fill_defaults(node: Any, schema: dict) -> Any:
@@ -54,4 +54,4 @@ def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    return validate(yaml.safe_load(path.read_text()) or {})
+    return validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})

@@ -82,7 +82,7 @@ class CropDataset(torch.utils.data.Dataset):
         for i, p in enumerate(paths):
             tab = pl.read_parquet(p.table).sort("index")
             self.complete[i] = tab["complete"].to_numpy()
-            counts = json.loads(p.meta.read_text())["anatomy_voxels"]
+            counts = json.loads(p.meta.read_text(encoding="utf-8"))["anatomy_voxels"]
             for a in catalog.anatomies():
                 self.full_counts[i, a.index - 1] = counts.get(a.name, 0)
 

@@ -59,7 +59,7 @@ def embed_cases(model, results, case_ids, device, crop_size=None) -> dict[str, t
     for case_id in tqdm(case_ids, desc="embed", unit="case"):
         p = data.case_paths(results, case_id)
         complete = pl.read_parquet(p.table).sort("index")["complete"].to_numpy()
-        boxes = json.loads(p.meta.read_text())["anatomy_bbox"]
+        boxes = json.loads(p.meta.read_text(encoding="utf-8"))["anatomy_bbox"]
         img, anat = np.load(p.image, mmap_mode="r"), np.load(p.anatomy, mmap_mode="r")
         out[case_id] = (embed_volume(model, img, anat, complete, boxes, device, crop_size), complete)
     return out

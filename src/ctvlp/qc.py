@@ -44,7 +44,7 @@ def write_exclusion(out_dir: str | Path, case_id: str, stage: str, reason: str) 
 
 def read_exclusion(case_dir: str | Path) -> dict | None:
     path = Path(case_dir) / EXCLUDED_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 # ---- checks --------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def collect(manifest: str | Path, cohort_exclusions: str | Path | None, segment_
         if record:
             excluded.append(record)
             continue
-        meta = json.loads((Path(preprocessed_dir) / case_id / "meta.json").read_text())
+        meta = json.loads((Path(preprocessed_dir) / case_id / "meta.json").read_text(encoding="utf-8"))
         rows.append(_qc_row(meta))
         kept.append(case_id)
     qc_table = pl.DataFrame(rows) if rows else pl.DataFrame()

@@ -293,7 +293,7 @@ def disable_usage_stats(home: Path) -> Path:
     config = {}
     if path.is_file():
         try:
-            config = json.loads(path.read_text())
+            config = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             config = {}
     config.setdefault("totalseg_id",

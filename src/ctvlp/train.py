@@ -540,7 +540,7 @@ def save_model(model: CTVLP, out_dir: Path, cfg_model: dict, extra: dict):
 def load_model(model_dir: str | Path, device="cpu") -> CTVLP:
     """Rebuild from config.json and load safetensors weights (no pickle is ever loaded)."""
     model_dir = Path(model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     model = build_model(cfg["model"])
     _load_model_state(model, load_file(str(model_dir / "model.safetensors")), model_dir)
     return model.to(device).eval()
