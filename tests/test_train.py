@@ -268,3 +268,26 @@ def test_ddp_with_gathered_negatives_matches_one_process(tmp_path):
             assert torch.allclose(got["loss"], single["loss"], atol=1e-6)
             for k, v in single.items():
                 assert torch.allclose(got[k], v, rtol=1e-4, atol=1e-7), (empty_half, rank, k)
+
+
+def test_best_val_selection_keeps_the_lowest_validation_epoch(tmp_path):
+    """select best_val: the final weights are those after the epoch with the lowest validation
+    loss; with last, those after the last epoch."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    ds, after_epoch, val_losses = Toy(), {}, iter([3.0, 1.0, 2.0])
+
+    def step_fn(batch):
+        return F.mse_loss(model(batch["x"]).squeeze(-1), batch["y"]), len(batch["x"]), {}
+
+    def val_fn():  # scripted losses; remember the weights each epoch ends with
+        after_epoch[len(after_epoch)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return next(val_losses)
+
+    saved = {}
+    summary = run_phase("toy", model, None, step_fn, ds, {**TOY, "select": "best_val"}, tmp_path, seed=0,
+                        device=CPU, val_fn=val_fn, save_fn=lambda s: saved.update(model_state(model)))
+    assert summary["selected_epoch"] == 1
+    assert_same_state(saved, after_epoch[1])
+    assert not (tmp_path / "best.safetensors").exists() and not (tmp_path / CHECKPOINT).exists()
+    assert not all(torch.equal(saved[k], after_epoch[2][k]) for k in saved)  # not the last epoch's

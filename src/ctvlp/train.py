@@ -344,6 +344,10 @@ def run_phase(phase: str, model: torch.nn.Module, trainable: list[str] | None, s
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     every = int(cfg.get("checkpoint_every", 50))
+    select = cfg.get("select", "last")
+    if select == "best_val" and val_fn is None:
+        raise ValueError(f"phase {phase}: train.select best_val needs a validation split")
+    best = out_dir / "best.safetensors"
     dtype = autocast_dtype(cfg.get("precision", "auto"), device)
     amp = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else contextlib.nullcontext
 
@@ -469,16 +473,24 @@ def run_phase(phase: str, model: torch.nn.Module, trainable: list[str] | None, s
                 record({"step": step, "epoch": epoch, "split": "val", "loss": f"{val['loss']:.6f}",
                         **{k: f"{v:.6g}" for k, v in val.items() if k != "loss"}})
                 log.info("phase %s epoch %d: validation loss %.4f", phase, epoch, val["loss"])
+                if select == "best_val" and rank == 0 and val["loss"] <= min(h["loss"] for h in history):
+                    _atomic_save(model_state(model), best)  # before the epoch's checkpoint: resumable
             checkpoint(epoch + 1, 0)
 
     summary = {"phase": phase, "steps": total, "batch_size": per_rank * world, "world_size": world,
                "precision": str(dtype or torch.float32).replace("torch.", ""), "resumed_from_step": resumed,
                "history": history, "final_val_loss": history[-1]["loss"] if history else None,
                "trainable": {phase: names}}
+    if select == "best_val" and history:
+        # the epoch with the lowest VALIDATION loss (never test data); ties go to the later epoch
+        summary["selected_epoch"] = min(reversed(history), key=lambda h: h["loss"])["epoch"]
+        if rank == 0:
+            _load_model_state(model, load_file(str(best)), best)
     if rank == 0:
         if save_fn is not None:
             save_fn(summary)
         ckpt.unlink(missing_ok=True)  # the final weights are the result; a stale checkpoint would block reruns
+        best.unlink(missing_ok=True)
     if world > 1:
         dist.barrier()
     return summary
