@@ -22,6 +22,7 @@ rule all:
         R("eval/zeroshot.md"),
         R("eval/zeroshot_by_organ.md"),
         R("eval/zeroshot_by_type.md"),
+        R("eval/linear_probe.md"),
     default_target: True
 
 

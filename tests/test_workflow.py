@@ -106,6 +106,9 @@ def test_outputs_hold_what_each_stage_promises(run):
     assert set(organs["organ"]) == {d.organ for d in catalog.diseases("demo")}
     mean = table.filter(pl.col("disease_id") == "mean").row(0, named=True)
     assert mean["auc_ci_low"] <= mean["auc"] <= mean["auc_ci_high"]
+    # the linear probe: same diseases with ground truth, same metric columns
+    probe = pl.read_csv(r / "eval/linear_probe.csv")
+    assert set(probe["disease_id"]) >= set(ids) and {"auc", "sensitivity", "threshold"} <= set(probe.columns)
     # every rule wrote a log and a benchmark
     assert (r / "logs/train/train_align.log").stat().st_size > 0
     assert (r / "benchmarks/train/train_align.tsv").read_text(encoding="utf-8").startswith("s\t")
@@ -120,11 +123,11 @@ def test_parameter_change_reruns_only_dependent_rules(run):
     cfg["evaluate"] = {"threshold": "closest"}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     try:
-        assert planned_rules(run) == {"evaluate_zeroshot", "all"}
+        assert planned_rules(run) == {"evaluate_zeroshot", "linear_probe", "all"}
         cfg["preprocess"]["spacing"] = [9.0, 9.0, 9.0]
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
         assert planned_rules(run) == {"preprocess", "qc", "train_visual_cl", "train_align", "train_normality", "train_boost",
-                                      "evaluate_zeroshot", "all"}
+                                      "evaluate_zeroshot", "linear_probe", "all"}
     finally:
         (run / "config.yaml").write_text(yaml.safe_dump(TINY))
 

@@ -160,6 +160,17 @@ def cmd_train(args):
              summary["history"][-1] if summary.get("history") else None)
 
 
+def cmd_linear_probe(args):
+    from . import probe
+
+    s = _settings(args)
+    crop = s["train"]["crop_size"] if s["evaluate"]["crop"] == "anatomy" else None
+    pred = probe.linear_probe(args.model, args.manifest, args.reports, args.results, args.ground_truth,
+                              s["evaluate"]["catalog"], s["train"]["device"], crop, s["seed"])
+    paths = probe.write(pred, args.out_dir, s["evaluate"]["threshold"], s["evaluate"]["bootstrap"], s["seed"])
+    print(paths["md"].read_text(encoding="utf-8"))
+
+
 def cmd_ablation(args):
     from . import evaluate
 
@@ -246,6 +257,10 @@ def main(argv=None):
     p.add_argument("--init", default=None, help="folder of the previous phase's model to start from")
     p.add_argument("--contrast", default="disease", choices=["disease", "instance"],
                    help="phase 1: disease-level (Eq. 2) or instance-level (ablation baseline)")
+    p = add("linear-probe", cmd_linear_probe,
+            "linear probe: frozen vision encoder + logistic regression per disease on report-derived labels")
+    for a in ("--model", "--manifest", "--reports", "--results", "--ground-truth", "--out-dir"):
+        p.add_argument(a, required=True)
     p = add("ablation", cmd_ablation, "the ablation table from each variant's zeroshot.csv")
     p.add_argument("--variant", action="append", required=True, help="NAME=path/to/zeroshot.csv (repeat)")
     p.add_argument("--out", required=True, help="ablation.md (and .csv beside it)")

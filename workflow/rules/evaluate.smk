@@ -38,6 +38,40 @@ rule evaluate_zeroshot:
         " > {log:q} 2>&1"
 
 
+rule linear_probe:
+    input:
+        unpack(model_of),
+        manifest=R("qc/cases.parquet"),
+        reports=R("reports/reports.parquet"),
+        ground_truth=R("cohort/ground_truth.parquet"),
+    output:
+        table=report(R("{evaldir}/linear_probe.md"), caption="../report/linear_probe.rst", category="Linear probe"),
+        csv=R("{evaldir}/linear_probe.csv"),
+        parquet=R("{evaldir}/linear_probe.parquet"),
+        by_organ=R("{evaldir}/linear_probe_by_organ.md"),
+        by_type=R("{evaldir}/linear_probe_by_type.md"),
+        predictions=R("{evaldir}/linear_probe_predictions.parquet"),
+    params:
+        settings=settings("evaluate", "train", "model", "seed"),
+        model_dir=parent_of("weights"),
+        results=parent_of("manifest", up=1),
+        out_dir=parent_of("table"),
+    log:
+        R("logs/{evaldir}/linear_probe.log"),
+    benchmark:
+        R("benchmarks/{evaldir}/linear_probe.tsv")
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=4000,
+        gpu=TRAIN_GPU,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "ctvlp linear-probe --params {params.settings:q} --model {params.model_dir:q} --manifest {input.manifest:q}"
+        " --reports {input.reports:q} --results {params.results:q} --ground-truth {input.ground_truth:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
 rule ablation:
     input:
         visd=R("eval/zeroshot.csv"),
