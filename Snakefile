@@ -23,6 +23,10 @@ rule all:
         R("eval/zeroshot_by_organ.md"),
         R("eval/zeroshot_by_type.md"),
         R("eval/linear_probe.md"),
+        R("eval/figures/roc_per_organ.png"),
+        R("eval/figures/tsne.png"),
+        R("eval/figures/activation_histograms.png"),
+        R("eval/figures/activation_maps.png"),
     default_target: True
 
 

@@ -114,6 +114,20 @@ def test_outputs_hold_what_each_stage_promises(run):
     assert (r / "benchmarks/train/train_align.tsv").read_text(encoding="utf-8").startswith("s\t")
 
 
+def test_html_report_holds_tables_figures_and_captions(run):
+    out = snakemake(run, "--report", "report.html")
+    assert out.returncode == 0, out.stderr[-3000:]
+    html = (run / "report.html").read_text(encoding="utf-8")
+    for name in ("zeroshot.md", "zeroshot_by_organ.md", "linear_probe.md", "summary.md", "roc_per_organ.png",
+                 "tsne.png", "activation_histograms.png", "activation_maps.png", "metrics.csv"):
+        assert name in html, name
+    assert "t-SNE of test anatomy embeddings" in html  # a caption from workflow/report/
+    import matplotlib.image
+
+    img = matplotlib.image.imread(run / "results/eval/figures/roc_per_organ.png")
+    assert img.ndim == 3 and img.shape[0] > 100 and img[..., :3].std() > 0  # a drawn figure, not blank
+
+
 def test_rerun_has_nothing_to_do(run):
     assert planned_rules(run) == set()
 
@@ -123,11 +137,11 @@ def test_parameter_change_reruns_only_dependent_rules(run):
     cfg["evaluate"] = {"threshold": "closest"}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     try:
-        assert planned_rules(run) == {"evaluate_zeroshot", "linear_probe", "all"}
+        assert planned_rules(run) == {"evaluate_zeroshot", "linear_probe", "figures", "all"}
         cfg["preprocess"]["spacing"] = [9.0, 9.0, 9.0]
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
         assert planned_rules(run) == {"preprocess", "qc", "train_visual_cl", "train_align", "train_normality", "train_boost",
-                                      "evaluate_zeroshot", "linear_probe", "all"}
+                                      "evaluate_zeroshot", "linear_probe", "figures", "all"}
     finally:
         (run / "config.yaml").write_text(yaml.safe_dump(TINY))
 

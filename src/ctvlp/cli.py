@@ -171,6 +171,19 @@ def cmd_linear_probe(args):
     print(paths["md"].read_text(encoding="utf-8"))
 
 
+def cmd_figures(args):
+    from . import figures
+
+    s = _settings(args)
+    crop = s["train"]["crop_size"] if s["evaluate"]["crop"] == "anatomy" else None
+    paths = figures.make_all(args.model, args.predictions, args.manifest, args.results, args.ground_truth,
+                             args.out_dir, s["evaluate"]["catalog"], s["train"]["device"],
+                             baseline_model_dir=args.baseline_model, n_cases=args.n_cases, crop_size=crop,
+                             seed=s["seed"])
+    for name, path in paths.items():
+        log.info("%s: %s", name, path)
+
+
 def cmd_ablation(args):
     from . import evaluate
 
@@ -261,6 +274,11 @@ def main(argv=None):
             "linear probe: frozen vision encoder + logistic regression per disease on report-derived labels")
     for a in ("--model", "--manifest", "--reports", "--results", "--ground-truth", "--out-dir"):
         p.add_argument(a, required=True)
+    p = add("figures", cmd_figures, "ROC per organ, t-SNE, activation histograms and maps (PNG)")
+    for a in ("--model", "--predictions", "--manifest", "--results", "--ground-truth", "--out-dir"):
+        p.add_argument(a, required=True)
+    p.add_argument("--baseline-model", default=None, help="a model without VSDB, e.g. results/train/align")
+    p.add_argument("--n-cases", type=int, default=100, help="test cases in the t-SNE")
     p = add("ablation", cmd_ablation, "the ablation table from each variant's zeroshot.csv")
     p.add_argument("--variant", action="append", required=True, help="NAME=path/to/zeroshot.csv (repeat)")
     p.add_argument("--out", required=True, help="ablation.md (and .csv beside it)")

@@ -35,7 +35,7 @@ def embed_volume(model, img, anat, complete, boxes: dict, device, crop_size=None
     stride = model.vision.stride
 
     def encode(im, an):
-        im, an = pad_to_multiple(np.asarray(im, np.float32), stride), pad_to_multiple(np.asarray(an), stride)
+        im, an = pad_to_multiple(np.array(im, np.float32), stride), pad_to_multiple(np.array(an), stride)
         emb, _ = model.encode_image(torch.from_numpy(im)[None, None].to(device), torch.from_numpy(an)[None].to(device))
         return emb[0].float().cpu().numpy()
 

@@ -72,6 +72,43 @@ rule linear_probe:
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
+rule figures:
+    input:
+        weights=R("train/boost/model.safetensors"),
+        config=R("train/boost/config.json"),
+        baseline=R("train/align/model.safetensors"),
+        predictions=R("eval/predictions.parquet"),
+        manifest=R("qc/cases.parquet"),
+        ground_truth=R("cohort/ground_truth.parquet"),
+    output:
+        roc=report(R("eval/figures/roc_per_organ.png"), caption="../report/roc.rst", category="Figures"),
+        tsne=report(R("eval/figures/tsne.png"), caption="../report/tsne.rst", category="Figures"),
+        histograms=report(R("eval/figures/activation_histograms.png"), caption="../report/histograms.rst",
+                          category="Figures"),
+        maps=report(R("eval/figures/activation_maps.png"), caption="../report/maps.rst", category="Figures"),
+    params:
+        settings=settings("evaluate", "train", "seed"),
+        model_dir=parent_of("weights"),
+        baseline_dir=parent_of("baseline"),
+        results=parent_of("manifest", up=1),
+        out_dir=parent_of("roc"),
+    log:
+        R("logs/eval/figures.log"),
+    benchmark:
+        R("benchmarks/eval/figures.tsv")
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=4000,
+        gpu=TRAIN_GPU,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "ctvlp figures --params {params.settings:q} --model {params.model_dir:q}"
+        " --baseline-model {params.baseline_dir:q} --predictions {input.predictions:q}"
+        " --manifest {input.manifest:q} --results {params.results:q}"
+        " --ground-truth {input.ground_truth:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
 rule ablation:
     input:
         visd=R("eval/zeroshot.csv"),
