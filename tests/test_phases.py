@@ -21,7 +21,7 @@ MODEL = {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length"
 def chain(tiny_cohort, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     s = config.validate({"model": MODEL, "train": {
-        "epochs": 6, "batch_size": 3, "crop_size": [32, 32, 48], "lr": 3e-3, "threads": 2, "device": "cpu",
+        "epochs": 6, "batch_size": 6, "crop_size": [32, 32, 48], "flip": False, "lr": 3e-3, "threads": 2, "device": "cpu",
         "warmup_epochs": 0, "visual_cl": {"epochs": 8, "momentum": 0.5}, "normality": {"epochs": 6, "lr": 3e-3}, "boost": {"epochs": 4}}})
     # the CLIP baseline reads whole reports: the cohort's per-anatomy texts joined
     rep = pl.read_parquet(tiny_cohort["reports"]).group_by("case_id").agg(pl.col("text").str.join(" ").alias("report_text"))
@@ -31,7 +31,9 @@ def chain(tiny_cohort, tmp_path_factory):
     for phase, init in (("visual_cl", None), ("align", "visual_cl"), ("normality", "align"), ("boost", "normality"),
                         ("global", None)):
         out[phase] = root / phase
-        run(phase, *paths, out[phase], s["model"], s["train"], 0, init=out.get(init))
+        # the CLIP baseline contrasts only 3 whole reports per batch: noisier, so give it more steps
+        cfg_train = {**s["train"], "epochs": 16} if phase == "global" else s["train"]
+        run(phase, *paths, out[phase], s["model"], cfg_train, 0, init=out.get(init))
     return out
 
 
@@ -59,10 +61,13 @@ def test_each_phase_trains_exactly_its_groups(chain):
 
 
 def test_losses_fall(chain):
+    # every step sees the same batch (all 6 training cases, whole volumes, no flips), so the trend
+    # is the optimisation's, not the batch composition's
     for phase, folder in chain.items():
         m = pl.read_csv(folder / "metrics.csv").filter(pl.col("split") == "train")
         per_epoch = m.group_by("epoch", maintain_order=True).agg(pl.col("loss").mean())["loss"].to_list()
-        assert per_epoch[-1] < per_epoch[0], (phase, per_epoch)
+        k = max(1, len(per_epoch) // 4)  # first vs last quarter of the epochs
+        assert sum(per_epoch[-k:]) / k < sum(per_epoch[:k]) / k, (phase, per_epoch)
 
 
 def test_normality_reports_codebook_and_recon_error(chain):
