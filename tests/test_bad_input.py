@@ -177,3 +177,19 @@ def test_rescue_of_a_case_reruns_cleanly(corpus, tmp_path):
     cli.main(["segment", "--params", json.dumps(SETTINGS), "--case", "good", "--manifest",
               str(d / "cohort/manifest.parquet"), "--out-dir", str(out)])
     assert not (out / "excluded.json").exists() and (out / "anatomy.nii.gz").is_file()
+
+
+def test_label_notes_are_not_exclusions(corpus, tmp_path):
+    """Ingest's stage "ground_truth" rows describe kept cases without complete labels: listed,
+    but strict does not fail on them and they are not counted as exclusions."""
+    d, _ = corpus
+    kept = pl.read_parquet(d / "qc/cases.parquet")
+    kept.write_parquet(tmp_path / "manifest.parquet")
+    pl.DataFrame([{"case_id": "good", "stage": "ground_truth", "reason": "no row in the labels table"}],
+                 schema=ingest.EXCLUSIONS_SCHEMA).write_parquet(tmp_path / "exclusions.parquet")
+    out = qc.collect(tmp_path / "manifest.parquet", tmp_path / "exclusions.parquet", d / "segment",
+                     d / "preprocessed", tmp_path / "qc", strict=True)
+    assert out == {"kept": 3, "excluded": 0}
+    summary = (tmp_path / "qc/summary.md").read_text(encoding="utf-8")
+    assert "exclusions recorded: 0" in summary and "missing or incomplete labels (stage ground_truth): 1" in summary
+    assert pl.read_parquet(tmp_path / "qc/excluded.parquet")["stage"].to_list() == ["ground_truth"]

@@ -147,3 +147,20 @@ def test_ablation_table_reads_each_variants_table(tmp_path):
     assert table["auc_local"].to_list() == pytest.approx([0.6, 0.9])
     assert table["auc_diffuse"].to_list() == pytest.approx([0.75, 0.45])
     assert "ViSD-Boost" in (tmp_path / "ablation.md").read_text(encoding="utf-8")
+
+
+def test_anatomy_crops_without_boxes_stop_instead_of_scoring_zeros(tiny_cohort):
+    """Preprocess outputs without anatomy boxes (the tiny fixture's meta.json has none) cannot be
+    embedded from anatomy-centred crops: a clear error, not zero embeddings scored as evaluable."""
+    import torch
+
+    from ctvlp.train import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "token_stage": 3,
+                         "text_max_length": 32}).eval()
+    case = pl.read_parquet(tiny_cohort["manifest"])["case_id"][0]
+    whole = evaluate.embed_cases(model, tiny_cohort["results"], [case], "cpu")[case]
+    assert whole[1].any() and np.isfinite(whole[0]).all()
+    with pytest.raises(ValueError, match="anatomy's box"):
+        evaluate.embed_cases(model, tiny_cohort["results"], [case], "cpu", crop_size=(16, 16, 16))

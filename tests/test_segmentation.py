@@ -14,7 +14,6 @@ import SimpleITK as sitk
 from ctvlp import catalog, imaging, segmentation
 
 
-
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     return (a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
             and a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection())

@@ -31,6 +31,16 @@ def case_paths(results: str | Path, case_id: str) -> CasePaths:
     return CasePaths(case_id, pre / "image.npy", pre / "anatomy.npy", pre / "meta.json", seg / "anatomies.parquet")
 
 
+def load_case(results: str | Path, case_id: str):
+    """A preprocessed case for inference: image and anatomy map memory-mapped (x, y, z), the (M,)
+    complete-in-scan flags of its segment table, and its anatomy boxes on the preprocessed grid
+    ({name: bbox}; None for outputs of an older ctvlp without them)."""
+    p = case_paths(results, case_id)
+    complete = pl.read_parquet(p.table).sort("index")["complete"].to_numpy().astype(bool)
+    boxes = json.loads(p.meta.read_text(encoding="utf-8")).get("anatomy_bbox")
+    return np.load(p.image, mmap_mode="r"), np.load(p.anatomy, mmap_mode="r"), complete, boxes
+
+
 def anatomy_texts(reports: pl.DataFrame, case_ids: list[str], unmentioned_as_normal: bool):
     """Per case and anatomy: text, normal flag and usability, from the parsed reports.
 

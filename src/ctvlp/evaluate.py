@@ -6,7 +6,6 @@ to the test split; test labels never influence it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,10 @@ def embed_volume(model, img, anat, complete, boxes: dict, device, crop_size=None
         return encode(img, anat)
     emb = np.zeros((len(complete), model.vis_proj.bias.shape[1]), np.float32)
     for a in catalog.anatomies():
-        if complete[a.index - 1] and a.name in boxes:
+        if complete[a.index - 1] and a.name not in (boxes or {}):
+            raise ValueError(f"anatomy-centred crops need the anatomy's box in the preprocess meta.json "
+                             f"({a.name} missing); re-run ctvlp preprocess")
+        if complete[a.index - 1]:
             sl = data.anatomy_crop(boxes[a.name], img.shape, crop_size)
             emb[a.index - 1] = encode(img[sl], anat[sl])[a.index - 1]
     return emb
@@ -57,10 +59,7 @@ def embed_cases(model, results, case_ids, device, crop_size=None) -> dict[str, t
     """Anatomy embeddings per case: (M, D) array and (M,) evaluable flags (complete in the scan)."""
     out = {}
     for case_id in tqdm(case_ids, desc="embed", unit="case"):
-        p = data.case_paths(results, case_id)
-        complete = pl.read_parquet(p.table).sort("index")["complete"].to_numpy()
-        boxes = json.loads(p.meta.read_text(encoding="utf-8"))["anatomy_bbox"]
-        img, anat = np.load(p.image, mmap_mode="r"), np.load(p.anatomy, mmap_mode="r")
+        img, anat, complete, boxes = data.load_case(results, case_id)
         out[case_id] = (embed_volume(model, img, anat, complete, boxes, device, crop_size), complete)
     return out
 

@@ -14,7 +14,6 @@ Every PNG is ``figsize * DPI`` pixels (no tight bounding box).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,15 +54,6 @@ def _save(fig, out_png) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI, format="png")
     return out
-
-
-def _case_arrays(results, case_id):
-    """image (x, y, z) float16 memmap, anatomy map, complete flags (M,), anatomy boxes {name: bbox}."""
-    p = data.case_paths(results, case_id)
-    complete = pl.read_parquet(p.table).sort("index")["complete"].to_numpy().astype(bool)
-    meta = json.loads(p.meta.read_text(encoding="utf-8"))
-    img, anat = np.load(p.image, mmap_mode="r"), np.load(p.anatomy, mmap_mode="r")
-    return img, anat, complete, meta.get("anatomy_bbox", {})
 
 
 def _check_eval(model):
@@ -204,7 +194,7 @@ def _passes(img, anat, complete, boxes, wanted: list[int], crop_size):
             yield img, anat, wanted
         return
     for j in wanted:
-        box = boxes.get(catalog.anatomies()[j].name)
+        box = (boxes or {}).get(catalog.anatomies()[j].name)
         if box is not None:
             sl = data.anatomy_crop(box, img.shape, crop_size)
             yield img[sl], anat[sl], [j]
@@ -236,7 +226,7 @@ def anatomy_tokens(model, results, case_ids, anatomies, device, crop_size=None, 
     f = {a: [] for a in anatomies}
     fh = {a: [] for a in anatomies}
     for case_id in case_ids:
-        img, anat, complete, boxes = _case_arrays(results, case_id)
+        img, anat, complete, boxes = data.load_case(results, case_id)
         for im, an, wanted in _passes(img, anat, complete, boxes, list(idx), crop_size):
             rows, f_hat = _rows(model, im, an, wanted, device, boost)
             for r, j in enumerate(rows.anatomy.tolist()):
@@ -487,8 +477,8 @@ def make_all(model_dir, predictions, manifest, results, ground_truth, out_dir, d
     items = []
     for r in top_positive_cases(pred.filter(pl.col("disease_id").is_in(list(by_id))), n_maps).iter_rows(named=True):
         d = by_id[r["disease_id"]]
-        img, anat_map, _, boxes = _case_arrays(results, r["case_id"])
-        if crop_size is not None and d.anatomy in boxes:
+        img, anat_map, _, boxes = data.load_case(results, r["case_id"])
+        if crop_size is not None and d.anatomy in (boxes or {}):
             sl = data.anatomy_crop(boxes[d.anatomy], img.shape, crop_size)
             img, anat_map = img[sl], anat_map[sl]
         img, anat_map = np.asarray(img, np.float32), np.asarray(anat_map)

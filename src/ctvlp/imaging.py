@@ -199,9 +199,11 @@ def segment_case(case: dict, cfg: dict, out_dir: str | Path) -> pl.DataFrame:
     """
     from .segmentation import class_map
 
-    check_image(case["image_path"], cfg["preprocess"], verify_data=True)
+    # a DICOM series is read once here and serves both the checks and the grid
+    series = read_image(case["image_path"]) if Path(case["image_path"]).is_dir() else None
+    check_image(case["image_path"], cfg["preprocess"], verify_data=True, image=series)
     try:
-        classes, version = class_map(cfg["backend"], case, cfg)
+        classes, version = class_map(cfg["backend"], case, cfg, image=series)
         anat = group_classes(classes, version)
     except (ValueError, FileNotFoundError) as e:
         raise CaseExcluded(str(e)) from e

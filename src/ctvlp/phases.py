@@ -33,7 +33,7 @@ from .train import (TextBank, _digest, batch_loss, build_model, dist_info, evalu
 log = logging.getLogger(__name__)
 
 PHASES = ("visual_cl", "align", "normality", "boost", "global")
-EPOCHS = {"visual_cl": ("visual_cl", "epochs"), "normality": ("normality", "epochs"), "boost": ("boost", "epochs")}
+SECTIONS = ("visual_cl", "normality", "boost")  # phases with their own train.<phase> settings
 
 
 def phase_model_cfg(cfg_model: dict, phase: str) -> dict:
@@ -49,7 +49,7 @@ def phase_model_cfg(cfg_model: dict, phase: str) -> dict:
 def phase_train_cfg(cfg_train: dict, phase: str) -> dict:
     """The shared train settings with this phase's epochs (and lr) from its section."""
     out = {k: v for k, v in cfg_train.items() if not isinstance(v, dict)}
-    section = cfg_train.get(phase, {}) if phase in EPOCHS else {}
+    section = cfg_train.get(phase, {}) if phase in SECTIONS else {}
     out.update({k: v for k, v in section.items() if k in ("epochs", "lr")})
     return out
 
@@ -159,13 +159,13 @@ def _align(model, device, cfg, texts, val_loader, **_):
 
 def _visual_cl(model, device, cfg, val_loader, contrast, **_):
     """Phase 1: Eq. 2 (contrast "disease") or the instance-level baseline (contrast "instance")."""
+    if contrast not in ("disease", "instance"):
+        raise ValueError(f"contrast must be disease or instance, not {contrast!r}")
     text_encoder, model.text_encoder = model.text_encoder, None  # the key encoder needs no text side
     key = make_momentum_copy(model)
     model.text_encoder = text_encoder
     m, scale = cfg["visual_cl"]["momentum"], math.log(1.0 / cfg["visual_cl"]["temperature"])
     loss_fn = disease_contrastive_loss if contrast == "disease" else instance_contrastive_loss
-    if contrast not in ("disease", "instance"):
-        raise ValueError(f"contrast must be disease or instance, not {contrast!r}")
 
     def loss_of(batch, train: bool):
         image, anatomy = batch["image"].to(device), batch["anatomy"].to(device)

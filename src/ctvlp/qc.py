@@ -94,8 +94,7 @@ def hu_conversion(values: np.ndarray, slope, intercept, mode: str) -> tuple[floa
     RescaleSlope/Intercept (CT-RATE metadata) is applied at most once on top, and not at all to
     volumes that already hold HU (CT-RATE v2; CT-CLIP issue 50 applied it twice).
     """
-    given = slope is not None and intercept is not None and not (
-        (isinstance(slope, float) and np.isnan(slope)) or (isinstance(intercept, float) and np.isnan(intercept)))
+    given = all(v is not None and not np.isnan(v) for v in (slope, intercept))
     if mode == "as_stored":
         return 1.0, 0.0, "values used as stored (preprocess.hu: as_stored)"
     if mode == "rescale":
@@ -142,8 +141,9 @@ def check_hu(values: np.ndarray, air_floor: float = -1500.0) -> tuple[dict, list
 def collect(manifest: str | Path, cohort_exclusions: str | Path | None, segment_dir: str | Path,
             preprocessed_dir: str | Path, out_dir: str | Path, strict: bool = False) -> dict:
     """Gather per-case records into out_dir: qc.parquet (one row per processed case),
-    excluded.parquet (ingest + imaging exclusions with reasons), cases.parquet (the manifest rows
-    that go on) and summary.md. With ``strict``, raise if anything was excluded."""
+    excluded.parquet (ingest + imaging exclusions with reasons, plus ingest's stage "ground_truth"
+    notes on kept cases without complete labels), cases.parquet (the manifest rows that go on) and
+    summary.md. With ``strict``, raise if any case was excluded (label notes do not count)."""
     man = pl.read_parquet(manifest)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,9 +166,10 @@ def collect(manifest: str | Path, cohort_exclusions: str | Path | None, segment_
     summary = _summary(man, kept, exc, qc_table)
     (out / "summary.md").write_text(summary)
     log.info("\n%s", summary)
-    if strict and len(exc):
-        raise SystemExit(f"{len(exc)} case(s) excluded and preprocess.strict is true; see {out / 'excluded.parquet'}")
-    return {"kept": len(kept), "excluded": len(exc)}
+    dropped = exc.filter(pl.col("stage") != "ground_truth")  # "ground_truth" rows: kept, without labels
+    if strict and len(dropped):
+        raise SystemExit(f"{len(dropped)} case(s) excluded and preprocess.strict is true; see {out / 'excluded.parquet'}")
+    return {"kept": len(kept), "excluded": len(dropped)}
 
 
 def _qc_row(meta: dict) -> dict:
@@ -183,8 +184,11 @@ def _qc_row(meta: dict) -> dict:
 
 
 def _summary(man: pl.DataFrame, kept: list[str], exc: pl.DataFrame, qc_table: pl.DataFrame) -> str:
+    labels = exc.filter(pl.col("stage") == "ground_truth")
     lines = ["# QC summary", "", f"- cases in the manifest: {len(man)}",
-             f"- cases processed and kept: {len(kept)}", f"- exclusions recorded: {len(exc)}"]
+             f"- cases processed and kept: {len(kept)}", f"- exclusions recorded: {len(exc) - len(labels)}"]
+    if len(labels):
+        lines.append(f"- kept cases with missing or incomplete labels (stage ground_truth): {len(labels)}")
     if len(qc_table) and "warnings" in qc_table.columns:
         warned = qc_table.filter(pl.col("warnings") != "")
         lines.append(f"- kept cases with HU warnings: {len(warned)}")

@@ -70,13 +70,14 @@ class WeightsMissingError(RuntimeError):
 # Grid handling
 
 
-def _image_grid(case: dict) -> dict:
+def _image_grid(case: dict, image: sitk.Image | None = None) -> dict:
     """Size, spacing, origin and direction of the case's image as ``imaging.read_case_image``
     returns it (the manifest's spacing where the header disagrees); ``header_spacing`` keeps the
-    header's, so a mask made on the header grid is still recognised as voxel-aligned."""
+    header's, so a mask made on the header grid is still recognised as voxel-aligned. ``image``:
+    the image as already read (a DICOM series is then not read again)."""
     path = Path(case["image_path"])
-    if path.is_dir():  # DICOM series: only the series reader knows the slice order and spacing
-        img = imaging.read_image(path)
+    if image is not None or path.is_dir():  # DICOM: only the series reader knows slice order and spacing
+        img = image if image is not None else imaging.read_image(path)
         grid = {"size": img.GetSize(), "spacing": img.GetSpacing(), "origin": img.GetOrigin(),
                 "direction": img.GetDirection()}
     elif not path.is_file():
@@ -367,12 +368,14 @@ def _totalsegmentator(case: dict, cfg: dict, grid: dict) -> tuple[sitk.Image, st
 # ---------------------------------------------------------------------------------------------
 
 
-def class_map(backend: str, case: dict, cfg: dict | None = None) -> tuple[sitk.Image, str]:
-    """TotalSegmentator class-id image on the grid of ``case["image_path"]`` and its class version."""
+def class_map(backend: str, case: dict, cfg: dict | None = None,
+              image: sitk.Image | None = None) -> tuple[sitk.Image, str]:
+    """TotalSegmentator class-id image on the grid of ``case["image_path"]`` and its class version.
+    ``image``: the case's image as read from disk (header spacing), when the caller has it."""
     cfg = dict(cfg or {})
     if backend not in BACKENDS:
         raise ValueError(f"unknown segment backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    grid = _image_grid(case)
+    grid = _image_grid(case, image)
     if backend == "phantom":
         mask_path = case.get("mask_path")
         if not mask_path:
