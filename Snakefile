@@ -19,15 +19,13 @@ include: "workflow/rules/evaluate.smk"
 
 rule all:
     input:
-        R("eval/zeroshot.md"),
-        R("eval/zeroshot_by_organ.md"),
-        R("eval/zeroshot_by_type.md"),
-        R("eval/linear_probe.md"),
-        R("eval/figures/roc_per_organ.png"),
-        R("eval/figures/tsne.png"),
-        R("eval/figures/activation_histograms.png"),
-        R("eval/figures/activation_maps.png"),
+        final_targets,
     default_target: True
+
+
+onstart:
+    # the results folder (checked above, marked as ctvlp's now) and the run's config for the stages
+    write_run_config()
 
 
 onsuccess:
@@ -35,3 +33,7 @@ onsuccess:
     summary = Path(R("qc/summary.md"))
     if summary.is_file():
         print(summary.read_text())
+    truth = Path(R("cohort/ground_truth.parquet"))
+    if truth.is_file() and pl.read_parquet(truth, columns=["case_id"]).is_empty():
+        print("No ground-truth labels in this cohort: evaluation was skipped (it needs cohort.table.label_cols "
+              f"or cohort.ctrate.labels_csv). The trained model is in {R('train/boost')}")

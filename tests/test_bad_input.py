@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import SimpleITK as sitk
 
-from ctvlp import cli, demo_data, imaging, ingest, qc
+from ctvlp import cli, demo_data, imaging, ingest, qc, workspace
 from ctvlp.config import validate
 
 SETTINGS = validate({"preprocess": {"spacing": [8.0, 8.0, 8.0]}, "segment": {"backend": "phantom"}})
@@ -84,11 +84,13 @@ def corpus(tmp_path_factory):
     rescale = table.select("case_id", pl.col("slope").alias("rescale_slope"), pl.col("intercept").alias("rescale_intercept"))
     man = man.drop("rescale_slope", "rescale_intercept").join(rescale, on="case_id", how="left")
     ingest.write(man, None, exc, d / "cohort")
-    params = json.dumps(SETTINGS)
+    params = d / "settings.json"
+    params.write_text(json.dumps(SETTINGS))
+    params = str(params)
     for cid in man["case_id"]:
-        cli.main(["segment", "--params", params, "--case", cid, "--manifest", str(d / "cohort/manifest.parquet"),
+        cli.main(["segment", "--config", params, "--case", cid, "--manifest", str(d / "cohort/manifest.parquet"),
                   "--out-dir", str(d / "segment" / cid)])
-        cli.main(["preprocess", "--params", params, "--case", cid, "--manifest", str(d / "cohort/manifest.parquet"),
+        cli.main(["preprocess", "--config", params, "--case", cid, "--manifest", str(d / "cohort/manifest.parquet"),
                   "--segment-dir", str(d / "segment" / cid), "--out-dir", str(d / "preprocessed" / cid)])
     qc.collect(d / "cohort/manifest.parquet", d / "cohort/exclusions.parquet", d / "segment", d / "preprocessed",
                d / "qc")
@@ -171,12 +173,14 @@ def test_scanner_padding_is_not_mistaken_for_air():
 def test_rescue_of_a_case_reruns_cleanly(corpus, tmp_path):
     """A case folder is rewritten from scratch: an old exclusion never survives a good rerun."""
     d, _ = corpus
+    workspace.prepare_results(tmp_path)  # ctvlp replaces folders only inside its marked results folder
     out = tmp_path / "seg"
     shutil.copytree(d / "segment/double_rescaled", out)
     (out / "excluded.json").write_text(json.dumps({"case_id": "good", "stage": "segment", "reason": "old"}))
-    cli.main(["segment", "--params", json.dumps(SETTINGS), "--case", "good", "--manifest",
+    cli.main(["segment", "--config", str(d / "settings.json"), "--case", "good", "--manifest",
               str(d / "cohort/manifest.parquet"), "--out-dir", str(out)])
     assert not (out / "excluded.json").exists() and (out / "anatomy.nii.gz").is_file()
+    assert not list(tmp_path.glob(".seg.*"))  # no temporary or old folder left beside it
 
 
 def test_label_notes_are_not_exclusions(corpus, tmp_path):

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import SimpleITK as sitk
 
-from ctvlp import catalog, demo_data
+from ctvlp import catalog, demo_data, ingest
 from ctvlp.demo_data import assign_splits, case_labels, generate_case, write_cohort
 
 SEED = 0
@@ -274,8 +274,8 @@ def test_write_cohort_round_trip(tmp_path, monkeypatch):
     path = write_cohort("cohort", n, SEED)
     assert path == Path("cohort") / "manifest.parquet" and path.is_file()
     m = pl.read_parquet(path)
-    assert m.columns == ["case_id", "split", "image_path", "mask_path", "report_text", "source",
-                         "spacing_x", "spacing_y", "spacing_z", "shape_x", "shape_y", "shape_z"]
+    assert m.schema == pl.Schema(ingest.MANIFEST_SCHEMA)  # one manifest schema for every source
+    assert m["source_id"].to_list() == m["case_id"].to_list() and m["ingest_note"].null_count() == n
     assert m.height == n and m["case_id"].to_list() == [f"demo_{i:04d}" for i in range(n)]
     assert m["source"].unique().to_list() == ["demo"]
     assert m.schema["spacing_x"] == pl.Float64 and m.schema["shape_z"] in (pl.Int64, pl.Int32)

@@ -5,14 +5,14 @@ import pytest
 import SimpleITK as sitk
 
 from ctvlp import catalog, imaging
+from ctvlp.config import validate
 
 
 def _hu(scaled, window=(-1000, 1000)):
     return scaled.astype(np.float64) * (window[1] - window[0]) + window[0]
 
 
-PRE = {"spacing": [3.0, 3.0, 3.0], "hu_window": [-1000, 1000], "hu": "auto", "min_slices": 10,
-       "spacing_range": [0.1, 20.0]}
+PRE = validate({"preprocess": {"spacing": [3.0, 3.0, 3.0]}})["preprocess"]
 
 
 def _segment_and_preprocess(tmp_path, image, seg, spacing=(3.0, 3.0, 3.0)):

@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from ctvlp import catalog, imaging, ingest
+from ctvlp.config import validate
 
 from conftest import PYRAD, TS
 
@@ -126,7 +127,7 @@ def test_ctrate_options(ctrate_dir, tmp_path):
     root, csv = ctrate_dir
     man, gt, exc = ingest.ctrate(root, csv / "metadata.csv", csv / "reports.csv", split="valid",
                                  one_recon_per_scan=False)
-    assert gt is None
+    assert gt.is_empty()  # no labels CSV: empty ground truth, the columns as always
     assert man["case_id"].to_list() == ["valid_5_a_1"] and man["split"].to_list() == ["test"]
     assert not exc["case_id"].str.starts_with("train").any()
     man, _, exc = ingest.ctrate(root, csv / "metadata.csv", csv / "reports.csv", split="train",
@@ -136,7 +137,7 @@ def test_ctrate_options(ctrate_dir, tmp_path):
     paths = ingest.write(man, None, exc, tmp_path / "out")
     assert pl.read_parquet(paths["manifest"]).equals(man)
     assert pl.read_parquet(paths["exclusions"]).equals(exc)
-    assert not (tmp_path / "out" / "ground_truth.parquet").exists()
+    assert pl.read_parquet(tmp_path / "out" / "ground_truth.parquet").is_empty()
 
 
 def test_table_nifti_nrrd_dicom_and_missing(shared, tmp_path):
@@ -193,7 +194,7 @@ def test_table_split_column_parquet_and_ids_from_names(shared, tmp_path):
     tab.write_parquet(tmp_path / "t.parquet")
     man, gt, exc = ingest.table(tmp_path / "t.parquet", image_col="img", report_col="text",
                                 split_col="fold", source="mine")
-    assert gt is None and exc.height == 0
+    assert gt.is_empty() and exc.height == 0
     assert dict(zip(man["case_id"], man["split"])) == {"example_ct_sm": "train", "chest_ct_cropped": "val"}
     assert set(man["source"]) == {"mine"}
     with pytest.raises(ValueError, match="not a column"):
@@ -225,8 +226,7 @@ def test_ctrate_volume_already_in_hu_is_not_rescaled_twice(ctrate_dir, tmp_path)
     block.CopyInformation(image)
     block[20:60, 20:60, 20:60] = 1
     sitk.WriteImage(block, str(tmp_path / "anat.nii.gz"))
-    cfg = {"spacing": [3.0, 3.0, 3.0], "hu_window": [-1000, 1000], "hu": "auto", "min_slices": 10,
-           "spacing_range": [0.1, 20.0]}
+    cfg = validate({"preprocess": {"spacing": [3.0, 3.0, 3.0]}})["preprocess"]
     meta = imaging.preprocess_case(case, tmp_path / "anat.nii.gz", cfg, tmp_path / "auto")
     assert meta["hu_intercept"] == 0.0 and "NOT applied again" in meta["hu_decision"]
     # the metadata's spacing, not the header's (1.5 mm iso), sets the physical grid

@@ -7,6 +7,7 @@ import pytest
 
 import ctvlp
 from ctvlp import catalog, cli, imaging
+from ctvlp.config import validate
 from ctvlp.train import build_model, save_model
 
 MODEL = {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32, "token_stage": 3,
@@ -36,7 +37,7 @@ def test_api_and_cli_agree_on_a_real_ct(ts, model_dir, tmp_path):
     # evaluable exactly where the anatomy is complete in this scan's segmentation
     seg = imaging.segment_case({"case_id": "x", "image_path": str(scan), "mask_path": str(mask)},
                                {"backend": "phantom", "class_version": "v2", "min_voxels": 10,
-                                "preprocess": {"min_slices": 10, "spacing_range": [0.1, 20.0]}}, tmp_path / "seg")
+                                "preprocess": validate({})["preprocess"]}, tmp_path / "seg")
     complete = dict(zip(seg["anatomy"], seg["complete"]))
     assert pred["evaluable"].to_list() == [bool(complete[d.anatomy]) for d in zero_shot]
     assert pred["evaluable"].any() and not pred["evaluable"].all()  # e.g. no heart or lungs in an abdomen CT

@@ -25,6 +25,7 @@ from ctvlp import config
 from ctvlp.model import CTVLP, N_ANATOMIES
 from ctvlp.train import (
     CHECKPOINT,
+    RUNNING_METRICS,
     TextBank,
     autocast_dtype,
     batch_loss,
@@ -195,10 +196,12 @@ def test_sigkilled_training_resumes_to_identical_weights(tiny_cohort, tmp_path, 
     out = run.communicate()[0]
     assert run.returncode == -signal.SIGKILL, out[-3000:]
     assert not (tmp_path / "run" / "model.safetensors").exists()
+    # the rows so far live outside the declared output metrics.csv, which Snakemake deletes before a rerun
+    assert (tmp_path / "run" / RUNNING_METRICS).stat().st_size > 0 and not (tmp_path / "run" / "metrics.csv").exists()
     assert 1 <= checkpoint_state(ckpt)["step"] < 6  # 6 training cases / batch 2 * 2 epochs
     with caplog.at_level(logging.INFO, logger="ctvlp.train"):
         summary = train(*paths, tmp_path / "run", cfg_model, cfg_train, 1)
-    assert "resuming from" in caplog.text and not ckpt.exists()
+    assert "resuming from" in caplog.text and not ckpt.exists() and not (tmp_path / "run" / RUNNING_METRICS).exists()
     ref, got = (load_file(tmp_path / d / "model.safetensors") for d in ("ref", "run"))
     assert_same_state(ref, got)
     assert rows(tmp_path / "run" / "metrics.csv") == rows(tmp_path / "ref" / "metrics.csv")

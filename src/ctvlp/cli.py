@@ -2,8 +2,10 @@
 
 Snakemake rules call these subcommands; every stage also runs by hand.
 
-Settings come from `--config FILE` (default config.yaml) or, as Snakemake passes them, from
-`--params JSON` holding the relevant config sections; both are validated against the schema.
+Settings come from `--config FILE` (default config.yaml; the workflow passes the run's validated
+config, written under results/.ctvlp/config/), validated against the schema. `--sections` limits
+a stage to the sections its rule tracks: reading any other one fails loudly. Nothing of the
+config travels on the command line.
 """
 
 from __future__ import annotations
@@ -11,24 +13,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 from . import config as cfgmod
+from .workspace import UnsafePathError
 
 log = logging.getLogger("ctvlp")
 
 
 def _settings(args) -> dict:
-    if args.params is not None:
-        return cfgmod.validate(json.loads(args.params))
-    return cfgmod.load(args.config)
+    cfg = cfgmod.load(args.config)
+    if args.sections:
+        return cfgmod.restrict(cfg, [s for s in args.sections.split(",") if s])
+    return cfg
 
 
 def _manifest_row(manifest: str, case_id: str) -> dict:
     import polars as pl
 
+    from .workspace import check_case_id
+
+    try:
+        check_case_id(case_id)
+    except ValueError as e:
+        raise SystemExit(f"--case: {e}") from None
     rows = pl.read_parquet(manifest).filter(pl.col("case_id") == case_id)
     if len(rows) != 1:
         raise SystemExit(f"case {case_id!r} appears {len(rows)} times in {manifest} (expected once)")
@@ -63,7 +72,8 @@ def cmd_cohort(args):
             raise SystemExit(f"cohort.source ctrate needs cohort.ctrate.{', cohort.ctrate.'.join(missing)}")
         man, gt, exc = ingest.ctrate(o["volumes_root"], o["metadata_csv"], o["reports_csv"], o["labels_csv"],
                                      split=o["split"], one_recon_per_scan=o["one_recon_per_scan"],
-                                     val_fraction=o["val_fraction"], seed=s["seed"])
+                                     val_fraction=o["val_fraction"], seed=s["seed"],
+                                     fallback_encoding=c["text_fallback_encoding"])
     else:
         o = c["table"]
         if not o["path"]:
@@ -72,24 +82,24 @@ def cmd_cohort(args):
                                     id_col=o["id_col"], split_col=o["split_col"], label_cols=o["label_cols"],
                                     split_fractions=tuple(c["split"]), seed=s["seed"],
                                     patient_col=o["patient_col"], mask_col=o["mask_col"],
-                                    disease_catalog=s["evaluate"]["catalog"])
+                                    disease_catalog=s["evaluate"]["catalog"], unsafe_ids=c["unsafe_ids"],
+                                    fallback_encoding=c["text_fallback_encoding"])
     ingest.write(man, gt, exc, args.out)
     log.info("%d cases in the manifest, %d exclusions (see %s/exclusions.parquet)", len(man), len(exc), args.out)
 
 
 def _per_case(stage: str, case_id: str, out_dir: str, run) -> None:
-    """Run one case's stage; a data problem becomes ``out_dir``/excluded.json with its reason."""
+    """Run one case's stage into a fresh folder that replaces ``out_dir`` only when complete; a
+    data problem becomes ``out_dir``/excluded.json with its reason."""
     from .qc import CaseExcluded, write_exclusion
+    from .workspace import replace_dir
 
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)  # no stale outputs from an earlier run of this case
     try:
-        run(out)
+        with replace_dir(out_dir) as tmp:
+            run(tmp)
     except CaseExcluded as e:
-        if out.exists():
-            shutil.rmtree(out)
-        write_exclusion(out, case_id, e.stage or stage, e.reason)
+        with replace_dir(out_dir) as tmp:
+            write_exclusion(tmp, case_id, e.stage or stage, e.reason)
 
 
 def cmd_segment(args):
@@ -214,8 +224,6 @@ def cmd_evaluate(args):
 def cmd_predict(args):
     from . import predict
 
-    if args.params is not None:
-        raise SystemExit("ctvlp predict takes --config (the workflow config the model was trained with)")
     model = predict.load_model(args.model, args.config, args.thresholds, args.device)
     pred = model.predict(args.scan, mask=args.mask)
     out = args.out or Path(args.model) / "predictions" / str(pred["case_id"][0])
@@ -233,8 +241,10 @@ def main(argv=None):
 
     def add(name, func, help_):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", default="config.yaml", help="config YAML (default: config.yaml)")
-        p.add_argument("--params", default=None, help="config sections as JSON (used by Snakemake)")
+        p.add_argument("--config", default="config.yaml", help="config YAML or JSON (default: config.yaml)")
+        p.add_argument("--sections", default=None,
+                       help="comma-separated config sections (or section.key) this stage may read; "
+                            "others fail loudly (the workflow passes what each rule tracks)")
         p.set_defaults(func=func)
         return p
 
@@ -300,8 +310,12 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except cfgmod.ConfigError as e:
+    except (cfgmod.ConfigError, UnsafePathError) as e:
         sys.exit(str(e))
+    except RuntimeError as e:  # evaluation without labels: say so plainly, no traceback
+        if type(e).__name__ != "NoLabelsError":
+            raise
+        sys.exit(f"ctvlp {args.command}: {e}")
 
 
 if __name__ == "__main__":

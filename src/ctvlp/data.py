@@ -99,6 +99,10 @@ class CropDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
+    @property
+    def case_ids(self) -> list[str]:
+        return [p.case_id for p in self.paths]
+
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 

@@ -1505,17 +1505,17 @@ def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
             "shape_x": int(case.image.shape[0]),
             "shape_y": int(case.image.shape[1]),
             "shape_z": int(case.image.shape[2]),
+            "rescale_slope": None,
+            "rescale_intercept": None,
+            "source_id": case.case_id,
+            "ingest_note": None,
         })
         for did, v in case.labels.items():
             gt.append({"case_id": case.case_id, "disease_id": did, "anatomy": anat[did],
                        "label": int(v)})
-    manifest = pl.DataFrame(rows, schema={
-        "case_id": pl.Utf8, "split": pl.Utf8, "image_path": pl.Utf8, "mask_path": pl.Utf8,
-        "report_text": pl.Utf8, "source": pl.Utf8, "spacing_x": pl.Float64,
-        "spacing_y": pl.Float64, "spacing_z": pl.Float64, "shape_x": pl.Int64,
-        "shape_y": pl.Int64, "shape_z": pl.Int64})
-    truth = pl.DataFrame(gt, schema={"case_id": pl.Utf8, "disease_id": pl.Utf8,
-                                     "anatomy": pl.Utf8, "label": pl.Int8})
-    from .ingest import write
+    from .ingest import GROUND_TRUTH_SCHEMA, MANIFEST_SCHEMA, write
+
+    manifest = pl.DataFrame(rows, schema=MANIFEST_SCHEMA)
+    truth = pl.DataFrame(gt, schema=GROUND_TRUTH_SCHEMA)
 
     return write(manifest, truth, None, out_dir)["manifest"]

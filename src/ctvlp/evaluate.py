@@ -23,6 +23,22 @@ from .train import load_model, pick_device
 METRICS = ["auc", "sensitivity", "specificity", "accuracy", "precision", "f1"]
 
 
+class NoLabelsError(RuntimeError):
+    """The cohort has no ground-truth labels, which evaluation needs."""
+
+
+def read_ground_truth(ground_truth) -> pl.DataFrame:
+    """The cohort's ground truth (a Parquet path or a DataFrame); NoLabelsError when it is empty
+    (a source without labels, e.g. a table without cohort.table.label_cols)."""
+    gt = ground_truth if isinstance(ground_truth, pl.DataFrame) else pl.read_parquet(ground_truth)
+    if gt.is_empty():
+        raise NoLabelsError(
+            "the cohort has no ground-truth labels (empty ground truth): zero-shot evaluation, the linear probe "
+            "and the figures need them. Give cohort.table.label_cols (or cohort.ctrate.labels_csv); the trained "
+            "model itself is in results/train/boost")
+    return gt
+
+
 @torch.no_grad()
 def embed_volume(model, img, anat, complete, boxes: dict, device, crop_size=None) -> np.ndarray:
     """(M, D) anatomy embeddings of one preprocessed volume (x, y, z arrays).
@@ -85,10 +101,10 @@ def predict(model_dir, manifest, results, ground_truth, disease_catalog: str, de
             crop_size=None) -> pl.DataFrame:
     """One row per (case in val/test, disease): score, or evaluable=False with the reason.
     crop_size: None = whole volumes, else anatomy-centred crops (``embed_cases``)."""
+    gt = read_ground_truth(ground_truth)  # before anything is loaded: no labels, no evaluation
     device = pick_device(device)
     model = load_model(model_dir, device)
     man = pl.read_parquet(manifest).filter(pl.col("split").is_in(["val", "test"]))
-    gt = pl.read_parquet(ground_truth)
     ids, splits = man["case_id"].to_list(), man["split"].to_list()
     embs = embed_cases(model, results, ids, device, crop_size)
     emb = torch.from_numpy(np.stack([embs[c][0] for c in ids])).to(device)  # (cases, M, D)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import catalog, data
+from . import evaluate
 from .evaluate import embed_cases
 from .model import N_ANATOMIES, anatomy_token_rows, pad_to_multiple, prompt_embedding
 
@@ -433,11 +434,11 @@ def make_all(model_dir, predictions, manifest, results, ground_truth, out_dir, d
     """
     from .train import load_model, pick_device
 
+    gt = evaluate.read_ground_truth(ground_truth)  # before anything is loaded or written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device)
     pred = pl.read_parquet(predictions)
-    gt = pl.read_parquet(ground_truth)
     paths = {"roc_per_organ": plot_roc_per_organ(pred, out_dir / "roc_per_organ.png")}
 
     test = pl.read_parquet(manifest).filter(pl.col("split") == "test")["case_id"].to_list()

@@ -116,6 +116,40 @@ def verify_nifti_data(path: Path) -> None:
         raise CaseExcluded(f"truncated file {path}: {length} bytes of data, header needs {expected}")
 
 
+def nifti_nonfinite(path) -> tuple[np.ndarray, np.ndarray] | None:
+    """NaN/Inf voxels of a float NIfTI file as ``(mask, values)`` in SimpleITK's (z, y, x) array
+    order, or None. ITK's NIfTI reader silently turns them into 0 (0 HU, soft tissue), so they are
+    found here, on the stored data, before that read can hide them."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.name.endswith((".nii", ".nii.gz")):
+        return None
+    img = nib.load(str(path))
+    if np.dtype(img.get_data_dtype()).kind != "f":
+        return None
+    data = np.asanyarray(img.dataobj)
+    if data.ndim != 3 or np.isfinite(data).all():
+        return None
+    mask = ~np.isfinite(data)
+    return mask.transpose(2, 1, 0), data[mask]  # file index (i, j, k) is ITK's array index [k, j, i]
+
+
+def _without_nonfinite(image: sitk.Image, path, max_fraction: float) -> tuple[sitk.Image, str | None]:
+    """``image`` (float32, as read from ``path``) with NaN/Inf voxels repaired by
+    ``qc.repair_nonfinite``: set to air with a warning, or the case excluded when there are many."""
+    hidden = nifti_nonfinite(path)
+    if hidden is None and np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        return image, None
+    values = sitk.GetArrayFromImage(image)
+    if hidden is not None:
+        values[hidden[0]] = hidden[1]  # put back what the reader zeroed, then count and repair
+    warning = qc.repair_nonfinite(values, max_fraction)
+    repaired = sitk.GetImageFromArray(values)
+    repaired.CopyInformation(image)
+    return repaired, warning
+
+
 def check_image(path: str | Path, cfg: dict, verify_data: bool = False, image: sitk.Image | None = None) -> dict:
     """Header-level checks shared by segment and preprocess: readable, CT, 3D, enough slices,
     plausible spacing; with ``verify_data`` also that a NIfTI file is complete. ``image``: the
@@ -127,6 +161,14 @@ def check_image(path: str | Path, cfg: dict, verify_data: bool = False, image: s
     mod = modality(path)
     if mod and mod != "CT":
         raise CaseExcluded(f"DICOM modality {mod}, not CT")
+    if image is None and path.is_dir():  # the series' declared size, before reading its voxels
+        from .ingest import header_info
+
+        try:
+            spacing, size = header_info(path)
+        except (ValueError, RuntimeError) as e:
+            raise CaseExcluded(f"unreadable DICOM series {path}: {_first_line(e)}") from e
+        qc.check_geometry(size, spacing, 3, cfg["min_slices"], cfg["spacing_range"], cfg["max_voxels"])
     if image is not None or path.is_dir():
         img = image if image is not None else read_image(path)
         size, spacing, dim = img.GetSize(), img.GetSpacing(), img.GetDimension()
@@ -142,7 +184,7 @@ def check_image(path: str | Path, cfg: dict, verify_data: bool = False, image: s
         size, spacing, dim = reader.GetSize(), reader.GetSpacing(), reader.GetDimension()
         if reader.GetNumberOfComponents() != 1:
             raise CaseExcluded(f"{reader.GetNumberOfComponents()} components per voxel; a CT has one")
-    qc.check_geometry(size, spacing, dim, cfg["min_slices"], cfg["spacing_range"])
+    qc.check_geometry(size, spacing, dim, cfg["min_slices"], cfg["spacing_range"], cfg["max_voxels"])
     return {"size": list(size), "spacing": list(spacing)}
 
 
@@ -199,9 +241,9 @@ def segment_case(case: dict, cfg: dict, out_dir: str | Path) -> pl.DataFrame:
     """
     from .segmentation import class_map
 
-    # a DICOM series is read once here and serves both the checks and the grid
+    # headers first (declared size, spacing); a DICOM series is then read once for checks and grid
+    check_image(case["image_path"], cfg["preprocess"], verify_data=True)
     series = read_image(case["image_path"]) if Path(case["image_path"]).is_dir() else None
-    check_image(case["image_path"], cfg["preprocess"], verify_data=True, image=series)
     try:
         classes, version = class_map(cfg["backend"], case, cfg, image=series)
         anat = group_classes(classes, version)
@@ -240,16 +282,24 @@ def preprocess_case(case: dict, anatomy_path: str | Path, cfg: dict, out_dir: st
     arrays that training memory-maps, and meta.json recording what was done (the QC row).
     Raises ``CaseExcluded`` for unusable input.
     """
+    check_image(case["image_path"], cfg)  # the declared size before anything is read or allocated
     image, spacing_source = read_case_image(case)
     grid = check_image(case["image_path"], cfg, image=image)
-    image = sitk.DICOMOrient(image, ORIENTATION)
-    raw = sitk.GetArrayViewFromImage(image)
-    slope, intercept, decision = qc.hu_conversion(qc.sample(raw), case.get("rescale_slope"),
+    target = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), cfg["spacing"])]
+    if np.prod(target, dtype=np.float64) > cfg["max_voxels"]:
+        raise CaseExcluded(f"resampled to {cfg['spacing']} mm the volume would be {target} voxels, more than "
+                           f"preprocess.max_voxels ({cfg['max_voxels']:.3g}); coarser preprocess.spacing?")
+    image_f, warning = sitk.Cast(image, sitk.sitkFloat32), None
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):  # NaN/Inf: only float files have them
+        image_f, warning = _without_nonfinite(image_f, case["image_path"], cfg["max_nonfinite_fraction"])
+    warnings = [warning] if warning else []
+    image_f = sitk.DICOMOrient(image_f, ORIENTATION)
+    slope, intercept, decision = qc.hu_conversion(qc.sample(sitk.GetArrayViewFromImage(image_f)), case.get("rescale_slope"),
                                                   case.get("rescale_intercept"), cfg["hu"])
-    image_f = sitk.Cast(image, sitk.sitkFloat32)
     if (slope, intercept) != (1.0, 0.0):
         image_f = image_f * slope + intercept
-    hu_stats, warnings = qc.check_hu(qc.sample(sitk.GetArrayViewFromImage(image_f)))
+    hu_stats, hu_warnings = qc.check_hu(qc.sample(sitk.GetArrayViewFromImage(image_f)))
+    warnings += hu_warnings
     image_f = resample(image_f, cfg["spacing"], sitk.sitkLinear, -1024.0)
     # The anatomy map goes onto the resampled image grid through both images' physical
     # coordinates, so a mask stored on another grid or with flipped axes still lands right.
@@ -260,7 +310,10 @@ def preprocess_case(case: dict, anatomy_path: str | Path, cfg: dict, out_dir: st
         raise CaseExcluded("no anatomy left on the resampled image grid (mask and image do not overlap)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "image.npy", scale_hu(hu, cfg["hu_window"]).astype(np.float16))
+    scaled = scale_hu(hu, cfg["hu_window"]).astype(np.float16)
+    if not np.isfinite(scaled).all():  # never reaches training storage (repair_nonfinite ran above)
+        raise CaseExcluded("non-finite values after resampling and scaling")
+    np.save(out / "image.npy", scaled)
     np.save(out / "anatomy.npy", amap)
     from scipy import ndimage
 

@@ -1,12 +1,13 @@
 """Real-data ingestion: build ctvlp's manifest (and ground truth) from CT-RATE or a generic table.
 
-Every function returns three tables, ``(manifest, ground_truth | None, exclusions)``:
+Every function returns three tables, ``(manifest, ground_truth, exclusions)``:
 
 manifest (``MANIFEST_SCHEMA``), one row per case, the same columns for every source
     case_id, split ("train"/"val"/"test"), image_path (a file or a DICOM series folder),
     mask_path (null for real data), report_text, source, spacing_x/y/z (mm), shape_x/y/z,
-    rescale_slope, rescale_intercept (CT-RATE's metadata; null for other sources). The demo cohort's
-    manifest (``demo_data.write_cohort``) has the same columns minus the two rescale columns.
+    rescale_slope, rescale_intercept (CT-RATE's metadata; null for other sources), source_id (the
+    id as the source gave it), ingest_note. The demo cohort's manifest has the same columns.
+    Case ids are always safe folder names (``workspace.case_id_problem``).
 ground truth (``GROUND_TRUTH_SCHEMA``), long: case_id, disease_id, anatomy, label (int8)
 exclusions (``EXCLUSIONS_SCHEMA``): case_id, stage, reason
     Nothing is dropped silently. stage "ingest": the case is NOT in the manifest (volume without
@@ -15,19 +16,21 @@ exclusions (``EXCLUSIONS_SCHEMA``): case_id, stage, reason
     in the manifest but has no (or incomplete) labels.
 
 ``write(manifest, ground_truth, exclusions, out_dir)`` writes manifest.parquet,
-ground_truth.parquet (only when there is ground truth) and exclusions.parquet.
+ground_truth.parquet (empty when the source has no labels) and exclusions.parquet.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import re
 from pathlib import Path
 
 import polars as pl
 import SimpleITK as sitk
 
-from . import catalog
+from . import catalog, workspace
 
 MANIFEST_SCHEMA = {
     "case_id": pl.Utf8, "split": pl.Utf8, "image_path": pl.Utf8, "mask_path": pl.Utf8,
@@ -35,6 +38,8 @@ MANIFEST_SCHEMA = {
     "spacing_x": pl.Float64, "spacing_y": pl.Float64, "spacing_z": pl.Float64,
     "shape_x": pl.Int64, "shape_y": pl.Int64, "shape_z": pl.Int64,
     "rescale_slope": pl.Float64, "rescale_intercept": pl.Float64,
+    "source_id": pl.Utf8,  # the id as the source gave it (differs from case_id only under cohort.unsafe_ids: slug)
+    "ingest_note": pl.Utf8,  # what ingest changed on the way in (id mapped, report decoded with a fallback), or null
 }
 GROUND_TRUTH_SCHEMA = {"case_id": pl.Utf8, "disease_id": pl.Utf8, "anatomy": pl.Utf8, "label": pl.Int8}
 EXCLUSIONS_SCHEMA = {"case_id": pl.Utf8, "stage": pl.Utf8, "reason": pl.Utf8}
@@ -68,17 +73,75 @@ def _text(v) -> str:
     return "" if v is None else str(v).strip()
 
 
-def _read_table(paths) -> pl.DataFrame:
-    """CSV (all columns as strings), TSV or Parquet; a list of paths is concatenated."""
+ROW_ERROR = "_ctvlp_row_error"  # why a table row cannot be used (e.g. bytes that are not UTF-8), else null
+ROW_NOTE = "_ctvlp_row_note"  # how a row was decoded when the fallback encoding was needed, else null
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that failed UTF-8, kept by surrogateescape
+
+
+def _decode_cells(cells: list[str], header: list[str], fallback: str | None) -> tuple[list, str | None, str | None]:
+    """One CSV row decoded with surrogateescape: -> (cells or None for empty, error, note)."""
+    out, notes = [], []
+    for col, cell in zip(header, cells):
+        bad = _UNDECODABLE.search(cell)
+        if bad:
+            raw = cell.encode("utf-8", "surrogateescape")
+            if fallback is None:
+                byte = ord(bad.group(0)) - 0xDC00
+                return [], (f"column {col!r} is not valid UTF-8 (byte 0x{byte:02x}); set "
+                            "cohort.text_fallback_encoding (e.g. cp1252) to decode such rows with it"), None
+            try:
+                cell = raw.decode(fallback)
+            except UnicodeDecodeError as e:
+                return [], f"column {col!r} is neither UTF-8 nor {fallback}: {e.reason}", None
+            notes.append(f"column {col!r} decoded as {fallback} (not UTF-8)")
+        out.append(cell if cell != "" else None)
+    return out, None, "; ".join(notes) or None
+
+
+def _read_table(paths, fallback_encoding: str | None = None) -> pl.DataFrame:
+    """CSV/TSV (all columns as strings) or Parquet; a list of paths is concatenated.
+
+    CSV bytes are decoded row by row: a row with bytes that are not UTF-8 is kept with the reason
+    in column ``ROW_ERROR`` (the caller excludes that case, naming the row and column), or, with
+    ``fallback_encoding``, decoded with it and noted in ``ROW_NOTE``. One bad byte never stops
+    the whole table.
+    """
     if isinstance(paths, (list, tuple)):
-        return pl.concat([_read_table(p) for p in paths], how="diagonal_relaxed")
+        return pl.concat([_read_table(p, fallback_encoding) for p in paths], how="diagonal_relaxed")
     path = Path(paths)
     if not path.is_file():
         raise FileNotFoundError(f"table not found: {path}")
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return pl.read_parquet(path)
+    if path.suffix.lower() in (".parquet", ".pq"):  # Parquet strings are UTF-8 by the format
+        return pl.read_parquet(path).with_columns(pl.lit(None, pl.Utf8).alias(ROW_ERROR),
+                                                  pl.lit(None, pl.Utf8).alias(ROW_NOTE))
     sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    return pl.read_csv(path, separator=sep, infer_schema_length=0)
+    text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    records = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+    header = next(records, None)
+    if not header:
+        raise ValueError(f"{path}: empty table (no header row)")
+    if any(_UNDECODABLE.search(h) for h in header):
+        raise ValueError(f"{path}: the header row is not valid UTF-8")
+    if len(set(header)) != len(header):
+        raise ValueError(f"{path}: duplicate column names in the header")
+    columns: list[list] = [[] for _ in header]
+    errors, notes = [], []
+    for line, cells in enumerate(records, start=2):
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            values, error, note = [], f"row (line {line}) has {len(cells)} fields, the header {len(header)}", None
+        else:
+            values, error, note = _decode_cells(cells, header, fallback_encoding)
+        if error:  # keep what identifies the row (id columns), blank the rest
+            values = [c if c and not _UNDECODABLE.search(c) else None for c in cells[:len(header)]]
+            values += [None] * (len(header) - len(values))
+        for col, v in zip(columns, values):
+            col.append(v)
+        errors.append(error)
+        notes.append(note)
+    df = pl.DataFrame({h: pl.Series(h, c, dtype=pl.Utf8) for h, c in zip(header, columns)})
+    return df.with_columns(pl.Series(ROW_ERROR, errors, dtype=pl.Utf8), pl.Series(ROW_NOTE, notes, dtype=pl.Utf8))
 
 
 def _float(v) -> float | None:
@@ -204,7 +267,7 @@ def _label_columns(label_cols, available, disease_catalog: str) -> dict:
 
 def ctrate(volumes_root, metadata_csv, reports_csv, labels_csv=None, split: str | None = None,
            one_recon_per_scan: bool = True, val_fraction: float = 0.1, seed: int = 0,
-           source: str = "ctrate"):
+           source: str = "ctrate", fallback_encoding: str | None = None):
     """Manifest, ground truth and exclusions for CT-RATE.
 
     volumes_root: folder searched recursively for ``{split}_{patient}_{scan}_{recon}.nii.gz``
@@ -223,7 +286,9 @@ def ctrate(volumes_root, metadata_csv, reports_csv, labels_csv=None, split: str 
         (patient, scan); the others are listed in the exclusions.
 
     Spacing comes from the metadata CSV (CT-RATE's NIfTI headers are not to be trusted for it),
-    shape from the NIfTI header. Returns ``(manifest, ground_truth or None, exclusions)``.
+    shape from the NIfTI header. A CSV row whose bytes are not UTF-8 excludes its case with the
+    reason (``fallback_encoding``: decode it with that instead, noted in ``ingest_note``).
+    Returns ``(manifest, ground_truth (empty without labels_csv), exclusions)``.
     """
     if split not in (None, "train", "valid"):
         raise ValueError(f"CT-RATE split must be 'train', 'valid' or None, not {split!r}")
@@ -267,8 +332,8 @@ def ctrate(volumes_root, metadata_csv, reports_csv, labels_csv=None, split: str 
             out.setdefault(cid, r)
         return out
 
-    meta = _rows_by_name(_read_table(metadata_csv), "metadata", ["XYSpacing", "ZSpacing"])
-    reports = _rows_by_name(_read_table(reports_csv), "reports", ["Findings_EN", "Impressions_EN"])
+    meta = _rows_by_name(_read_table(metadata_csv, fallback_encoding), "metadata", ["XYSpacing", "ZSpacing"])
+    reports = _rows_by_name(_read_table(reports_csv, fallback_encoding), "reports", ["Findings_EN", "Impressions_EN"])
 
     for cid in sorted(set(reports) - set(volumes)):
         excl.append({"case_id": cid, "stage": "ingest", "reason": "report without volume file"})
@@ -277,6 +342,11 @@ def ctrate(volumes_root, metadata_csv, reports_csv, labels_csv=None, split: str 
     for cid, path in volumes.items():
         if cid not in reports:
             excl.append({"case_id": cid, "stage": "ingest", "reason": f"volume without report: {path}"})
+            continue
+        bad = [f"{what} CSV: {rows[cid][ROW_ERROR]}" for what, rows in (("reports", reports), ("metadata", meta))
+               if cid in rows and rows[cid][ROW_ERROR]]
+        if bad:
+            excl.append({"case_id": cid, "stage": "ingest", "reason": "; ".join(bad)})
             continue
         findings = _text(reports[cid]["Findings_EN"])
         impressions = _text(reports[cid]["Impressions_EN"])
@@ -306,6 +376,9 @@ def ctrate(volumes_root, metadata_csv, reports_csv, labels_csv=None, split: str 
             "shape_x": shape[0], "shape_y": shape[1], "shape_z": shape[2],
             "rescale_slope": _float(meta[cid].get("RescaleSlope")),
             "rescale_intercept": _float(meta[cid].get("RescaleIntercept")),
+            "source_id": cid,
+            "ingest_note": "; ".join(f"{what} CSV: {rows[cid][ROW_NOTE]}" for what, rows
+                                     in (("reports", reports), ("metadata", meta)) if rows[cid][ROW_NOTE]) or None,
         }
 
     # one reconstruction per scan
@@ -333,9 +406,9 @@ def ctrate(volumes_root, metadata_csv, reports_csv, labels_csv=None, split: str 
         rows.append(row)
     manifest = _frame(rows, MANIFEST_SCHEMA).select(list(MANIFEST_SCHEMA))
 
-    truth = None
+    truth = _empty(GROUND_TRUTH_SCHEMA)
     if labels_csv is not None:
-        labels = _read_table(labels_csv)
+        labels = _read_table(labels_csv, fallback_encoding)
         if "VolumeName" not in labels.columns:
             raise ValueError("CT-RATE labels CSV lacks column VolumeName")
         names = [d.name for d in catalog.diseases("ctrate")]
@@ -364,7 +437,8 @@ def _normalise_split(v) -> str | None:
 def table(path, image_col: str = "image", report_col: str = "report", id_col: str = "case_id",
           split_col: str | None = None, label_cols=None, split_fractions=(0.8, 0.1, 0.1), seed: int = 0,
           base_dir=None, patient_col: str | None = None, mask_col: str | None = None,
-          disease_catalog: str = "ctrate", source: str | None = None):
+          disease_catalog: str = "ctrate", source: str | None = None, unsafe_ids: str = "exclude",
+          fallback_encoding: str | None = None):
     """Manifest, ground truth and exclusions from a CSV/TSV/Parquet table of images and reports.
 
     image_col: path of a NIfTI/NRRD/MHA file or a DICOM series folder; relative paths resolve
@@ -375,13 +449,17 @@ def table(path, image_col: str = "image", report_col: str = "report", id_col: st
         it cases are split by ``patient_col`` (or by case) with ``split_fractions`` and ``seed``.
     label_cols: list of label columns named by disease id or name of ``disease_catalog``, or a
         dict column -> disease id/name; values 0/1 (missing values go to the exclusions, stage
-        "ground_truth").
+        "ground_truth"). Without label columns the ground truth is empty.
     mask_col: optional column of TotalSegmentator multilabel masks (manifest mask_path).
+    unsafe_ids: an id that cannot be a folder name (``workspace.case_id_problem``) is excluded
+        ("exclude") or mapped to a safe name recorded in ``source_id`` / ``ingest_note`` ("slug");
+        ids that would share a folder are excluded either way.
+    fallback_encoding: decode CSV rows that are not UTF-8 with it (else such a row is excluded).
     Missing or unreadable images, missing masks, empty reports and duplicate ids go to the
-    exclusions (stage "ingest"). Returns ``(manifest, ground_truth or None, exclusions)``.
+    exclusions (stage "ingest"). Returns ``(manifest, ground_truth, exclusions)``.
     """
     path = Path(path)
-    df = _read_table(path)
+    df = _read_table(path, fallback_encoding)
     base = Path(base_dir) if base_dir is not None else path.resolve().parent
     source = source or path.stem
     for col, what in ((image_col, "image_col"), (report_col, "report_col"), (split_col, "split_col"),
@@ -398,8 +476,7 @@ def table(path, image_col: str = "image", report_col: str = "report", id_col: st
 
     excl: list[dict] = []
     rows, groups, fixed_split, seen = [], {}, {}, set()
-    key_to_case: dict[str, str] = {}
-    label_rows = []
+    label_of: dict[str, dict] = {}
     for i, r in enumerate(df.iter_rows(named=True)):
         img = _resolve(r[image_col])
         if id_col in df.columns and _text(r[id_col]):
@@ -408,6 +485,9 @@ def table(path, image_col: str = "image", report_col: str = "report", id_col: st
             cid = _strip_image_suffix(img.name)
         else:
             cid = f"row{i}"
+        if r[ROW_ERROR]:
+            excl.append({"case_id": cid, "stage": "ingest", "reason": f"table row {i}: {r[ROW_ERROR]}"})
+            continue
         if cid in seen:
             excl.append({"case_id": cid, "stage": "ingest", "reason": f"duplicate case_id (row {i})"})
             continue
@@ -445,27 +525,45 @@ def table(path, image_col: str = "image", report_col: str = "report", id_col: st
                      "report_text": report, "source": source,
                      "spacing_x": spacing[0], "spacing_y": spacing[1], "spacing_z": spacing[2],
                      "shape_x": shape[0], "shape_y": shape[1], "shape_z": shape[2],
-                     "rescale_slope": None, "rescale_intercept": None})
-        key_to_case[cid] = cid
-        label_rows.append(r)
+                     "rescale_slope": None, "rescale_intercept": None, "source_id": cid,
+                     "ingest_note": r[ROW_NOTE]})
+        label_of[cid] = r
 
+    rows = _with_safe_ids(rows, unsafe_ids, excl)
     if split_col is None:
-        by_group = split_groups(groups.values(), split_fractions, seed)
+        by_group = split_groups([groups[row["source_id"]] for row in rows], split_fractions, seed)
         for row in rows:
-            row["split"] = by_group[groups[row["case_id"]]]
+            row["split"] = by_group[groups[row["source_id"]]]
     else:
         for row in rows:
-            row["split"] = fixed_split[row["case_id"]]
+            row["split"] = fixed_split[row["source_id"]]
     manifest = _frame(rows, MANIFEST_SCHEMA).select(list(MANIFEST_SCHEMA)).sort("case_id")
 
-    truth = None
+    truth = _empty(GROUND_TRUTH_SCHEMA)
     if label_cols:
         cols = _label_columns(label_cols, df.columns, disease_catalog)
         labels = pl.DataFrame({"__key": [row["case_id"] for row in rows],
-                               **{c: [_text(r[c]) or None for r in label_rows] for c in cols}},
+                               **{c: [_text(label_of[row["source_id"]][c]) or None for row in rows] for c in cols}},
                               schema={"__key": pl.Utf8, **{c: pl.Utf8 for c in cols}})
-        truth = _ground_truth(labels, "__key", key_to_case, cols, excl)
+        truth = _ground_truth(labels, "__key", {row["case_id"]: row["case_id"] for row in rows}, cols, excl)
     return manifest, truth, _exclusions(excl)
+
+
+def _with_safe_ids(rows: list[dict], policy: str, excl: list[dict]) -> list[dict]:
+    """Rows whose case id can name a folder: unsafe ids are excluded (or mapped, under policy
+    "slug"); ids that would share a folder are all excluded. See ``workspace.case_folders``."""
+    folders, excluded = workspace.case_folders([row["case_id"] for row in rows], policy)
+    excl += [{"case_id": cid, "stage": "ingest", "reason": reason} for cid, reason in excluded.items()]
+    kept = []
+    for row in rows:
+        folder = folders.get(row["case_id"])
+        if folder is None:
+            continue
+        if folder != row["case_id"]:
+            note = f"case id mapped from {ascii(row['case_id'])} (cohort.unsafe_ids: slug)"
+            row = {**row, "case_id": folder, "ingest_note": "; ".join(filter(None, [note, row["ingest_note"]]))}
+        kept.append(row)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,17 +571,20 @@ def table(path, image_col: str = "image", report_col: str = "report", id_col: st
 
 def write(manifest: pl.DataFrame, ground_truth: pl.DataFrame | None, exclusions: pl.DataFrame | None,
           out_dir) -> dict[str, Path]:
-    """Write manifest.parquet, ground_truth.parquet (if any; a stale one is removed otherwise) and
-    exclusions.parquet (always, possibly empty) into ``out_dir``; returns the paths written."""
+    """Write manifest.parquet, ground_truth.parquet (empty when the source has no labels) and
+    exclusions.parquet (possibly empty) into ``out_dir``; returns the paths written.
+
+    Every case id of the manifest must be safe as a folder name (``workspace.case_id_problem``):
+    later stages use it as one, and Snakemake deletes stale outputs at those paths.
+    """
+    unsafe = [(c, p) for c in manifest["case_id"] if (p := workspace.case_id_problem(c))]
+    if unsafe:
+        raise ValueError(f"manifest holds {len(unsafe)} case id(s) unsafe as folder names, e.g. {unsafe[0][1]}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"manifest": out / "manifest.parquet", "exclusions": out / "exclusions.parquet"}
+    paths = {"manifest": out / "manifest.parquet", "exclusions": out / "exclusions.parquet",
+             "ground_truth": out / "ground_truth.parquet"}
     manifest.write_parquet(paths["manifest"])
     (exclusions if exclusions is not None else _empty(EXCLUSIONS_SCHEMA)).write_parquet(paths["exclusions"])
-    gt = out / "ground_truth.parquet"
-    if ground_truth is not None:
-        ground_truth.write_parquet(gt)
-        paths["ground_truth"] = gt
-    elif gt.exists():
-        gt.unlink()
+    (ground_truth if ground_truth is not None else _empty(GROUND_TRUTH_SCHEMA)).write_parquet(paths["ground_truth"])
     return paths

@@ -24,6 +24,7 @@ from .evaluate import disease_scores, embed_volume
 from .qc import CaseExcluded
 from .train import load_model as load_weights
 from .train import pick_device
+from .workspace import case_id_problem, slug
 
 
 class Predictor:
@@ -36,7 +37,9 @@ class Predictor:
         the reason (anatomy absent or cut off by the scan). ``mask``: a TotalSegmentator multilabel
         segmentation of the scan; without it segment.backend runs (e.g. totalsegmentator)."""
         s = self.settings
-        case = {"case_id": case_id or Path(scan).name.split(".")[0], "image_path": str(scan),
+        case_id = case_id or Path(scan).name.split(".")[0]
+        case_id = case_id if case_id_problem(case_id) is None else slug(case_id)  # it may name an output file
+        case = {"case_id": case_id, "image_path": str(scan),
                 "mask_path": None if mask is None else str(mask)}
         seg_cfg = {**s["segment"], "preprocess": s["preprocess"]}
         if mask is not None:

@@ -133,10 +133,10 @@ def linear_probe(model_dir, manifest, reports, results, ground_truth, disease_ca
     manifest, reports, ground_truth: Parquet paths or DataFrames; results: the folder
     ``data.case_paths`` reads; crop_size as in ``evaluate.predict``.
     """
+    gt = evaluate.read_ground_truth(_frame(ground_truth))  # before anything is loaded
     device = pick_device(device)
     model = load_model(model_dir, device)
     man = _frame(manifest).filter(pl.col("split").is_in(["train", "val", "test"]))
-    gt = _frame(ground_truth)
     ids, splits = man["case_id"].to_list(), np.array(man["split"].to_list())
     embs = evaluate.embed_cases(model, results, ids, device, crop_size)
     emb = np.stack([embs[c][0] for c in ids])  # (cases, M, D)

@@ -50,10 +50,15 @@ def read_exclusion(case_dir: str | Path) -> dict | None:
 # ---- checks --------------------------------------------------------------------------------
 
 
-def check_geometry(size, spacing, dimension: int, min_slices: int, spacing_range) -> None:
-    """2D images, single/too few slices and absurd voxel spacing are exclusions."""
+def check_geometry(size, spacing, dimension: int, min_slices: int, spacing_range, max_voxels: int) -> None:
+    """2D images, single/too few slices, absurd voxel spacing and a declared size too large to
+    allocate are exclusions (checked on the header, before any voxel is read)."""
     if dimension != 3:
         raise CaseExcluded(f"{dimension}D image (size {list(size)}); a CT volume is 3D")
+    n = int(np.prod([int(v) for v in size], dtype=np.float64))
+    if n > max_voxels:
+        raise CaseExcluded(f"header declares {list(size)} = {n:.3g} voxels, more than preprocess.max_voxels "
+                           f"({max_voxels:.3g}); broken header or not a CT volume?")
     if min(size) < min_slices:
         raise CaseExcluded(f"too few slices: size {list(size)}, need at least {min_slices} along every axis "
                            "(preprocess.min_slices)")
@@ -112,6 +117,24 @@ def hu_conversion(values: np.ndarray, slope, intercept, mode: str) -> tuple[floa
     p1, p50 = np.percentile(_without_padding(values), [1, 50])
     raise CaseExcluded(f"values do not look like CT HU (1st percentile {p1:.0f}, median {p50:.0f}; air should be "
                        "near -1000) and the manifest gives no rescale slope/intercept: MR, PET or unscaled CT?")
+
+
+def repair_nonfinite(arr: np.ndarray, max_fraction: float, fill: float = -1024.0) -> str | None:
+    """NaN/Inf voxels of a float HU array, in place: more than ``max_fraction`` of the volume is an
+    exclusion; fewer are set to ``fill`` (air) and the returned warning goes into the QC table."""
+    if arr.dtype.kind != "f":
+        return None
+    bad = ~np.isfinite(arr)
+    n = int(bad.sum())
+    if not n:
+        return None
+    fraction = n / arr.size
+    kinds = f"{int(np.isnan(arr).sum())} NaN, {n - int(np.isnan(arr).sum())} Inf"
+    if fraction > max_fraction:
+        raise CaseExcluded(f"{n} non-finite voxels ({kinds}; {fraction:.2%} of the volume), more than "
+                           f"preprocess.max_nonfinite_fraction ({max_fraction:.2%})")
+    arr[bad] = fill
+    return f"{n} non-finite voxels ({kinds}) set to {fill:g} HU"
 
 
 def check_hu(values: np.ndarray, air_floor: float = -1500.0) -> tuple[dict, list[str]]:
@@ -183,6 +206,14 @@ def _qc_row(meta: dict) -> dict:
     return row
 
 
+def _cell(text) -> str:
+    """A Markdown table cell: a hostile id cannot break the table or print control characters."""
+    text = str(text)
+    if any(not c.isprintable() for c in text):
+        text = ascii(text)[1:-1]
+    return text.replace("|", "\\|")
+
+
 def _summary(man: pl.DataFrame, kept: list[str], exc: pl.DataFrame, qc_table: pl.DataFrame) -> str:
     labels = exc.filter(pl.col("stage") == "ground_truth")
     lines = ["# QC summary", "", f"- cases in the manifest: {len(man)}",
@@ -194,5 +225,5 @@ def _summary(man: pl.DataFrame, kept: list[str], exc: pl.DataFrame, qc_table: pl
         lines.append(f"- kept cases with HU warnings: {len(warned)}")
     if len(exc):
         lines += ["", "| case | stage | reason |", "|---|---|---|"]
-        lines += [f"| {r['case_id']} | {r['stage']} | {r['reason']} |" for r in exc.iter_rows(named=True)]
+        lines += [f"| {_cell(r['case_id'])} | {r['stage']} | {_cell(r['reason'])} |" for r in exc.iter_rows(named=True)]
     return "\n".join(lines) + "\n"

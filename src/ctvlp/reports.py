@@ -69,6 +69,7 @@ into "normal" because "Aorta" or "normal" happen to match) and "no anatomy menti
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -674,8 +675,24 @@ def _rows(texts: dict[str, str], status: dict[str, str], findings: dict[str, lis
     ]
 
 
+_LINE_BREAKS = re.compile("[\r\u2028\u2029\u0085]")
+
+
+def clean_text(text: str | None) -> str | None:
+    """Report text as both backends read it: Unicode NFKC (full-width letters, ligatures and
+    compatibility forms become plain ones), line/paragraph separators as line breaks, and control
+    and invisible format characters (zero-width space, soft hyphen, BOM, ...) removed, so that
+    "cy\u00adst" or "cy\u200bst" still reads "cyst". Tabs and line breaks stay."""
+    if text is None:
+        return None
+    text = _LINE_BREAKS.sub("\n", unicodedata.normalize("NFKC", text))
+    return "".join(c for c in text if c in "\t\n" or unicodedata.category(c) not in ("Cc", "Cf"))
+
+
 def parse_report(text: str | None, diseases: Sequence[Disease]) -> list[dict]:
-    """Parse one report: one dict per anatomy (all 36, catalog order), REPORT_SCHEMA minus case_id."""
+    """Parse one report: one dict per anatomy (all 36, catalog order), REPORT_SCHEMA minus case_id.
+    The text is read through ``clean_text`` first."""
+    text = clean_text(text)
     if text is None or not text.strip():
         return _rows({}, {}, {}, ERR_EMPTY)
     lex = _lexicon(tuple(diseases))

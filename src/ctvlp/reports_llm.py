@@ -2,7 +2,7 @@
 
 Produces exactly the frame of the rules backend (``ctvlp.reports.REPORT_SCHEMA``): one row per
 (case, anatomy) for all 36 anatomies of ``catalog.anatomies()``, with backend "llm", model = the
-configured model name and prompt_version = the prompt file's version ("report_v1").
+configured model name and prompt_version = the prompt file's version ("report_v2").
 
 Config (``cfg`` dict; ``DEFAULTS`` lists every key, unknown keys are an error):
   base_url       OpenAI-compatible endpoint, e.g. "http://127.0.0.1:8000/v1"
@@ -22,9 +22,9 @@ Config (``cfg`` dict; ``DEFAULTS`` lists every key, unknown keys are an error):
   max_tokens     completion token limit per request
   response_format  "auto" (default) | "json_schema" | "json_object_schema" | "json_object" | "none"
   retry_unparsed   re-send reports whose cached outcome is "unparsed" (default False)
-  prompt         prompt template name (package data ``ctvlp/prompts/<name>.yaml``), "report_v1"
+  prompt         prompt template name (package data ``ctvlp/prompts/<name>.yaml``), "report_v2"
 
-Prompt. ``prompts/report_v1.yaml`` (system + user + repair templates, and what each anatomy covers)
+Prompt. ``prompts/report_v2.yaml`` (system + user + repair templates, and what each anatomy covers)
 asks the model for ``{"anatomies": [{"anatomy", "text", "status", "findings": [{"disease",
 "presence"}]}]}``: only the anatomies the report describes, each with its sentences, normal/abnormal
 and the catalog diseases it mentions with presence present/absent/uncertain -- the <region, finding,
@@ -102,12 +102,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, fie
 
 from . import catalog as _cat
 from .catalog import Disease
-from .reports import ERR_EMPTY, ERR_NO_ANATOMY, PRESENCES, REPORT_SCHEMA
+from .reports import ERR_EMPTY, ERR_NO_ANATOMY, PRESENCES, REPORT_SCHEMA, clean_text
 
 log = logging.getLogger(__name__)
 
 BACKEND = "llm"
-DEFAULT_PROMPT = "report_v1"
+DEFAULT_PROMPT = "report_v2"
 CACHE_FORMAT = 1
 API_KEY_PLACEHOLDER = "not-needed"
 
@@ -218,12 +218,25 @@ def _disease_line(d: Disease) -> str:
     return f"- {d.id}: {d.name} ({where}{also})"
 
 
+def report_fence(report: str) -> str:
+    """The line that opens and closes the report in the prompt: it names a digest of the report
+    itself, so the report cannot contain it (it would have to hold its own hash)."""
+    salt = 0
+    while True:
+        fence = f"<<<REPORT {hashlib.sha256(f'{salt}:{report}'.encode()).hexdigest()[:16]}>>>"
+        if fence not in report:
+            return fence
+        salt += 1
+
+
 def build_messages(prompt: Prompt, diseases: Sequence[Disease], report: str) -> list[dict]:
     anatomies = "\n".join(f"- {a}: {c}" for a, c in prompt.anatomies.items())
     dl = "\n".join(_disease_line(d) for d in diseases) or "(none)"
+    report = report.strip()
     return [
         {"role": "system", "content": prompt.system},
-        {"role": "user", "content": _fill(prompt.user, anatomies=anatomies, diseases=dl, report=report.strip())},
+        {"role": "user", "content": _fill(prompt.user, anatomies=anatomies, diseases=dl, report=report,
+                                          fence=report_fence(report))},
     ]
 
 
@@ -831,6 +844,7 @@ class LLMReportParser:
         keys: dict[str, str] = {}  # key -> report text
         case_key: list[str | None] = []
         for _, text in pairs:
+            text = clean_text(text)  # as the rules backend reads it: NFKC, no control/invisible characters
             if text is None or not str(text).strip():
                 st.empty += 1
                 case_key.append(None)

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .config import ConfigError, validate_section
 from .model import CTVLP, alignment_loss, calibrated_targets
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ MODEL_KEYS = ("widths", "stem_stride", "token_stage", "embed_dim", "heads", "tex
               "temperature", "text_max_length", "train_text_head", "vq_codes", "vq_dim", "vq_depth", "vq_heads",
               "vq_beta", "vq_decay", "global_head")
 CHECKPOINT = "checkpoint.safetensors"
+RUNNING_METRICS = "metrics.running.csv"  # metrics.csv while the phase runs
 # train settings that do not change the numbers: a checkpoint written under other values still resumes
 RUNTIME_KEYS = ("threads", "device", "checkpoint_every", "tensorboard", "resume", "workers")
 
@@ -273,6 +275,14 @@ def _digest(obj) -> str:
 
 # ---- the loop ----------------------------------------------------------------------------
 
+def _batch_cases(dataset, batch: dict) -> list[str]:
+    """The case ids of a batch (this process's part), for error messages."""
+    ids = getattr(dataset, "case_ids", None)
+    if ids is None or "index" not in batch:
+        return []
+    return [ids[i] for i in torch.as_tensor(batch["index"]).tolist()]
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA for precision auto (where supported) or bf16; None (fp32) otherwise."""
     if precision not in ("auto", "bf16", "fp32"):
@@ -378,7 +388,9 @@ def run_phase(phase: str, model: torch.nn.Module, trainable: list[str] | None, s
             tmp.unlink()
 
     columns = ["phase", "step", "epoch", "split", "loss", "lr", "samples_per_s", "grad_norm", "pairs", *metrics]
-    csv_path = out_dir / "metrics.csv"
+    # metrics.csv is a declared workflow output, which Snakemake deletes before re-running a killed
+    # job: rows go to a file of their own until the phase ends, so a resumed run keeps steps 1..N
+    csv_path = out_dir / RUNNING_METRICS
     with contextlib.ExitStack() as stack:
         fh = tb = None
         if rank == 0:
@@ -440,7 +452,8 @@ def run_phase(phase: str, model: torch.nn.Module, trainable: list[str] | None, s
                 if not torch.isfinite(loss):
                     kept = f"the last checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written yet"
                     raise FloatingPointError(f"phase {phase}: non-finite loss ({loss.item()}) at step {step} "
-                                             f"(epoch {epoch}); stopped before the update, {kept}")
+                                             f"(epoch {epoch}) on a batch of cases {_batch_cases(dataset, batch)}; "
+                                             f"stopped before the update, {kept}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
@@ -487,6 +500,7 @@ def run_phase(phase: str, model: torch.nn.Module, trainable: list[str] | None, s
         if rank == 0:
             _load_model_state(model, load_file(str(best)), best)
     if rank == 0:
+        os.replace(csv_path, out_dir / "metrics.csv")
         if save_fn is not None:
             save_fn(summary)
         ckpt.unlink(missing_ok=True)  # the final weights are the result; a stale checkpoint would block reruns
@@ -552,8 +566,17 @@ def save_model(model: CTVLP, out_dir: Path, cfg_model: dict, extra: dict):
 def load_model(model_dir: str | Path, device="cpu") -> CTVLP:
     """Rebuild from config.json and load safetensors weights (no pickle is ever loaded)."""
     model_dir = Path(model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    model = build_model(cfg["model"])
+    path = model_dir / "config.json"
+    if not path.is_file() or not (model_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a ctvlp model folder (needs config.json and model.safetensors)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise ConfigError(f"{path} lacks the model settings (a 'model' mapping)")
+    # the same bounds as a workflow config, checked before anything is allocated
+    model = build_model(validate_section("model", cfg["model"], str(path)))
     _load_model_state(model, load_file(str(model_dir / "model.safetensors")), model_dir)
     return model.to(device).eval()
 

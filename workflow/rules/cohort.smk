@@ -5,8 +5,7 @@ checkpoint cohort:
         exclusions=R("cohort/exclusions.parquet"),
     params:
         # the disease catalog matters here only to match label columns
-        settings=json.dumps({"cohort": config["cohort"], "seed": config["seed"],
-                             "evaluate": {"catalog": config["evaluate"]["catalog"]}}, sort_keys=True),
+        **settings("cohort", "seed", "evaluate.catalog"),
         out=parent_of("manifest"),
     log:
         R("logs/cohort.log"),
@@ -18,4 +17,4 @@ checkpoint cohort:
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "ctvlp cohort --params {params.settings:q} --out {params.out:q} > {log:q} 2>&1"
+        "ctvlp cohort --config {params.config_file:q} --sections {params.sections} --out {params.out:q} > {log:q} 2>&1"

@@ -1,12 +1,32 @@
-import json
+import os
 from pathlib import Path
 
 import polars as pl
 
-from ctvlp.config import validate as validate_config
+from ctvlp import config as cfgmod
+from ctvlp import workspace
 
 # Fill defaults and stop at start with the offending key on any unknown key or wrong type.
-config.update(validate_config(config))
+config.update(cfgmod.validate(config))
+
+# Refuse a results folder that is /, empty, the checkout (or holds it), or someone else's non-empty
+# folder, before any job: Snakemake itself deletes stale outputs inside it.
+_results_problem = workspace.results_problem(config["results"], protected=[workflow.basedir, os.getcwd()],
+                                             force=config["results_force"])
+if _results_problem:
+    raise cfgmod.ConfigError(_results_problem)
+
+# The run's validated config, written when the workflow starts (onstart in the Snakefile) and read
+# by every stage: no config value travels on a command line. Named by its content, so two runs
+# with different configs never overwrite each other's file. A Path param is not a rerun trigger;
+# the digest of the sections a rule passes is.
+CONFIG_FILE = Path(config["results"], ".ctvlp", "config", f"{cfgmod.digest(config)[:16]}.json")
+
+
+def write_run_config():
+    workspace.prepare_results(config["results"], protected=[workflow.basedir, os.getcwd()],
+                              force=config["results_force"])
+    cfgmod.snapshot(config, CONFIG_FILE.parent)
 
 
 def R(path):
@@ -15,21 +35,30 @@ def R(path):
 
 
 def settings(*sections):
-    """Config sections as JSON for `ctvlp --params`; a change re-runs only rules that use them."""
-    return json.dumps({s: config[s] for s in sections}, sort_keys=True)
-
-
-def settings_with(sections, **some_keys):
-    """Like `settings`, plus only the named keys of other sections (settings_with(["segment"],
-    preprocess=["min_slices"])): a change to the section's other keys does not re-run the rule."""
-    out = {s: config[s] for s in sections}
-    out.update({s: {k: config[s][k] for k in keys} for s, keys in some_keys.items()})
-    return json.dumps(out, sort_keys=True)
+    """Rule params for `ctvlp --config {params.config_file} --sections {params.sections}`: the stage
+    may read only these sections (or section.key entries), and a change to them re-runs the rule."""
+    return dict(config_file=CONFIG_FILE, sections=",".join(sections),
+                settings=cfgmod.digest(cfgmod.restrict(config, list(sections))))
 
 
 def case_ids():
     manifest = checkpoints.cohort.get().output.manifest
     return pl.read_parquet(manifest, columns=["case_id"])["case_id"].to_list()
+
+
+def has_labels():
+    """Whether the cohort came with ground-truth labels (evaluation needs them)."""
+    truth = checkpoints.cohort.get().output.ground_truth
+    return not pl.read_parquet(truth, columns=["case_id"]).is_empty()
+
+
+def final_targets(wildcards):
+    """Everything `snakemake` builds by default; evaluation only when the cohort has labels."""
+    if not has_labels():
+        return [R("qc/summary.md"), R("train/boost/model.safetensors")]
+    return [R(f) for f in ("eval/zeroshot.md", "eval/zeroshot_by_organ.md", "eval/zeroshot_by_type.md",
+                           "eval/linear_probe.md", "eval/figures/roc_per_organ.png", "eval/figures/tsne.png",
+                           "eval/figures/activation_histograms.png", "eval/figures/activation_maps.png")]
 
 
 def all_cases(pattern):
@@ -68,7 +97,7 @@ def phase_inputs(init_phase=None):
 
 def phase_rule_params(phase):
     return dict(
-        settings=settings("model", "train", "seed"),
+        **settings("model", "train", "seed"),
         results=parent_of("manifest", up=1),
         out_dir=parent_of("weights"),
         init=lambda w, input: f"--init {Path(input.init).parent}" if "init" in input.keys() else "",
@@ -78,7 +107,8 @@ def phase_rule_params(phase):
 
 
 TRAIN_SHELL = (
-    "ctvlp train --phase {params.phase} --params {params.settings:q} --manifest {input.manifest:q}"
+    "ctvlp train --phase {params.phase} --config {params.config_file:q} --sections {params.sections}"
+    " --manifest {input.manifest:q}"
     " --reports {input.reports:q} --results {params.results:q} --out-dir {params.out_dir:q} {params.init}"
     " --contrast {params.contrast} > {log:q} 2>&1"
 )

@@ -18,7 +18,7 @@ rule evaluate_zeroshot:
         parquet=R("{evaldir}/zeroshot.parquet"),
         predictions=R("{evaldir}/predictions.parquet"),
     params:
-        settings=settings("evaluate", "train", "model", "seed"),
+        **settings("evaluate", "train", "model", "seed"),
         model_dir=parent_of("weights"),
         results=parent_of("manifest", up=1),
         out_dir=parent_of("table"),
@@ -33,7 +33,7 @@ rule evaluate_zeroshot:
     conda:
         "../../envs/train.yaml"
     shell:
-        "ctvlp evaluate --params {params.settings:q} --model {params.model_dir:q} --manifest {input.manifest:q}"
+        "ctvlp evaluate --config {params.config_file:q} --sections {params.sections} --model {params.model_dir:q} --manifest {input.manifest:q}"
         " --results {params.results:q} --ground-truth {input.ground_truth:q} --out-dir {params.out_dir:q}"
         " > {log:q} 2>&1"
 
@@ -52,7 +52,7 @@ rule linear_probe:
         by_type=R("{evaldir}/linear_probe_by_type.md"),
         predictions=R("{evaldir}/linear_probe_predictions.parquet"),
     params:
-        settings=settings("evaluate", "train", "model", "seed"),
+        **settings("evaluate", "train", "model", "seed"),
         model_dir=parent_of("weights"),
         results=parent_of("manifest", up=1),
         out_dir=parent_of("table"),
@@ -67,7 +67,7 @@ rule linear_probe:
     conda:
         "../../envs/train.yaml"
     shell:
-        "ctvlp linear-probe --params {params.settings:q} --model {params.model_dir:q} --manifest {input.manifest:q}"
+        "ctvlp linear-probe --config {params.config_file:q} --sections {params.sections} --model {params.model_dir:q} --manifest {input.manifest:q}"
         " --reports {input.reports:q} --results {params.results:q} --ground-truth {input.ground_truth:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
@@ -87,7 +87,7 @@ rule figures:
                           category="Figures"),
         maps=report(R("eval/figures/activation_maps.png"), caption="../report/maps.rst", category="Figures"),
     params:
-        settings=settings("evaluate", "train", "seed"),
+        **settings("evaluate", "train", "seed"),
         model_dir=parent_of("weights"),
         baseline_dir=parent_of("baseline"),
         results=parent_of("manifest", up=1),
@@ -103,7 +103,7 @@ rule figures:
     conda:
         "../../envs/train.yaml"
     shell:
-        "ctvlp figures --params {params.settings:q} --model {params.model_dir:q}"
+        "ctvlp figures --config {params.config_file:q} --sections {params.sections} --model {params.model_dir:q}"
         " --baseline-model {params.baseline_dir:q} --predictions {input.predictions:q}"
         " --manifest {input.manifest:q} --results {params.results:q}"
         " --ground-truth {input.ground_truth:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -1,5 +1,10 @@
 # Per-case stages write a folder each: the outputs, or excluded.json with the reason (bad input
 # is recorded, never dropped); the qc rule gathers them and lists the cases that go on.
+# Case ids in the manifest are plain names (ctvlp.workspace.case_id_problem); the constraint keeps
+# Snakemake itself from matching anything else as a case folder.
+wildcard_constraints:
+    case="[A-Za-z0-9][A-Za-z0-9._-]*",
+
 
 
 rule segment:
@@ -9,7 +14,7 @@ rule segment:
         directory(R("segment/{case}")),
     params:
         # image checks only; the target spacing etc. must not re-run segmentation
-        settings=settings_with(["segment"], preprocess=["min_slices", "spacing_range"]),
+        **settings("segment", "preprocess.min_slices", "preprocess.spacing_range", "preprocess.max_voxels"),
     log:
         R("logs/segment/{case}.log"),
     benchmark:
@@ -20,7 +25,7 @@ rule segment:
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "ctvlp segment --params {params.settings:q} --case {wildcards.case:q} --manifest {input.manifest:q}"
+        "ctvlp segment --config {params.config_file:q} --sections {params.sections} --case {wildcards.case:q} --manifest {input.manifest:q}"
         " --out-dir {output:q} > {log:q} 2>&1"
 
 
@@ -31,7 +36,7 @@ rule preprocess:
     output:
         directory(R("preprocessed/{case}")),
     params:
-        settings=settings("preprocess"),
+        **settings("preprocess"),
     log:
         R("logs/preprocess/{case}.log"),
     benchmark:
@@ -42,7 +47,7 @@ rule preprocess:
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "ctvlp preprocess --params {params.settings:q} --case {wildcards.case:q} --manifest {input.manifest:q}"
+        "ctvlp preprocess --config {params.config_file:q} --sections {params.sections} --case {wildcards.case:q} --manifest {input.manifest:q}"
         " --segment-dir {input.segment:q} --out-dir {output:q} > {log:q} 2>&1"
 
 
@@ -58,7 +63,7 @@ rule qc:
         excluded=R("qc/excluded.parquet"),
         summary=report(R("qc/summary.md"), caption="../report/qc.rst", category="Data"),
     params:
-        settings=settings_with([], preprocess=["strict"]),
+        **settings("preprocess.strict"),
         segment_root=lambda w: R("segment"),
         preprocessed_root=lambda w: R("preprocessed"),
         out=parent_of("cases"),
@@ -70,6 +75,6 @@ rule qc:
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "ctvlp qc --params {params.settings:q} --manifest {input.manifest:q}"
+        "ctvlp qc --config {params.config_file:q} --sections {params.sections} --manifest {input.manifest:q}"
         " --cohort-exclusions {input.exclusions:q} --segment-root {params.segment_root:q}"
         " --preprocessed-root {params.preprocessed_root:q} --out {params.out:q} > {log:q} 2>&1"

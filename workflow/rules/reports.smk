@@ -4,7 +4,7 @@ rule reports:
     output:
         R("reports/reports.parquet"),
     params:
-        settings=settings("reports"),
+        **settings("reports"),
     log:
         R("logs/reports.log"),
     benchmark:
@@ -15,4 +15,4 @@ rule reports:
     conda:
         "../../envs/reports.yaml"
     shell:
-        "ctvlp reports --params {params.settings:q} --manifest {input.manifest:q} --out {output:q} > {log:q} 2>&1"
+        "ctvlp reports --config {params.config_file:q} --sections {params.sections} --manifest {input.manifest:q} --out {output:q} > {log:q} 2>&1"
