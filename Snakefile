@@ -9,6 +9,9 @@ min_version("8.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/imaging.smk"
@@ -30,10 +33,10 @@ onstart:
 
 onsuccess:
     # the data QC summary: how many cases went on, and each exclusion with its reason
-    summary = Path(R("qc/summary.md"))
+    summary = Path(results_path("qc/summary.md"))
     if summary.is_file():
         print(summary.read_text())
-    truth = Path(R("cohort/ground_truth.parquet"))
+    truth = Path(results_path("cohort/ground_truth.parquet"))
     if truth.is_file() and pl.read_parquet(truth, columns=["case_id"]).is_empty():
         print("No ground-truth labels in this cohort: evaluation was skipped (it needs cohort.table.label_cols "
-              f"or cohort.ctrate.labels_csv). The trained model is in {R('train/boost')}")
+              f"or cohort.ctrate.labels_csv). The trained model is in {results_path('train/boost')}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the LLM report-parser tests need (tests/test_reports_llm.py) into a venv:
+# Install what the LLM report-parser tests need (tests/reports/test_reports_llm.py) into a venv:
 #   - llama-cpp-python with its [server] extra: built ONCE into a wheel cache outside the repo
 #     (CMAKE_ARGS=-DGGML_NATIVE=OFF: a native build crashes on this VM; the build takes minutes),
 #     then installed from that wheel on every later run;

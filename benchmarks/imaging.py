@@ -4,7 +4,7 @@ from ctvlp's .npy storage vs NIfTI.
     python benchmarks/imaging.py [--repeats N] [--out benchmarks/results] [--shared ../shared] [--keep]
 
 Part 1 (real CTs from ../shared/data/real_ct, target spacing 1x1x5 mm as in the paper):
-  * ctvlp: ``ctvlp.imaging.preprocess_case`` (header/QC checks, HU decision and checks, LPS
+  * ctvlp: ``ctvlp.imaging.preprocess.preprocess_case`` (header/QC checks, HU decision and checks, LPS
     orientation, image linear + anatomy map nearest resampling, HU window [-1000, 1000] -> [0, 1],
     writes image.npy float16 + anatomy.npy uint8 + meta.json). Its anatomy map is made beforehand,
     untimed, by ``segment_case`` (backend "phantom") from the reference segmentation; files without
@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET_SPACING = [1.0, 1.0, 5.0]
 HU_WINDOW = [-1000, 1000]
 PRE_CFG = {"spacing": TARGET_SPACING, "hu_window": HU_WINDOW, "hu": "auto", "min_slices": 10,
-           "spacing_range": [0.1, 20.0]}
+           "spacing_range": [0.1, 20.0], "max_voxels": 1_000_000_000, "max_nonfinite_fraction": 0.001}
 # (name, image relative to data/real_ct, reference segmentation or None)
 FILES = [
     ("example_ct", "totalsegmentator/example_ct.nii.gz", "totalsegmentator/example_seg_fast_force_split.nii.gz"),
@@ -118,14 +118,15 @@ def _worker_ctvlp(spec: dict) -> dict:
     import scipy.ndimage  # noqa: F401 - preprocess_case imports it lazily; count it as an import
     import SimpleITK as sitk
 
-    from ctvlp import imaging
+    from ctvlp.imaging import io as imaging_io
+    from ctvlp.imaging import preprocess
 
     hwm_import = _status_kb("VmHWM")
     case = {"case_id": spec["name"], "image_path": spec["image"], "rescale_slope": None, "rescale_intercept": None}
     times = []
     for i in range(spec["repeats"] + 1):  # first run = warm-up
         t0 = time.perf_counter()
-        meta = imaging.preprocess_case(case, spec["anatomy"], spec["cfg"], spec["out_dir"])
+        meta = preprocess.preprocess_case(case, spec["anatomy"], spec["cfg"], spec["out_dir"])
         dt_ = time.perf_counter() - t0
         if i:
             times.append(dt_)
@@ -133,7 +134,7 @@ def _worker_ctvlp(spec: dict) -> dict:
     reads = []  # the read alone (after the peak reading), to show how much of the time it is
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()
-        imaging.read_image(spec["image"])
+        imaging_io.read_image(spec["image"])
         reads.append(time.perf_counter() - t0)
     return {"times": times, "read_times": reads, "hwm_import_kb": hwm_import, "hwm_peak_kb": hwm_peak,
             "threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(), "shape": meta["size"],
@@ -211,9 +212,10 @@ def _block_class_map(image_path: Path, out_path: Path) -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from ctvlp import catalog, imaging
+    from ctvlp import catalog
+    from ctvlp.imaging import io as imaging_io
 
-    img = imaging.read_image(image_path)
+    img = imaging_io.read_image(image_path)
     arr = np.zeros(sitk.GetArrayViewFromImage(img).shape, dtype=np.uint8)
     arr[tuple(slice(n // 4, n - n // 4) for n in arr.shape)] = catalog.class_id("spleen", "v2")
     lab = sitk.GetImageFromArray(arr)
@@ -233,7 +235,8 @@ def part1(data: Path, work: Path, repeats: int, log) -> list[dict]:
     import numpy as np
     import SimpleITK as sitk
 
-    from ctvlp import imaging
+    from ctvlp.imaging import io as imaging_io
+    from ctvlp.imaging import segment
 
     rows = []
     for name, rel, seg in FILES:
@@ -248,7 +251,7 @@ def part1(data: Path, work: Path, repeats: int, log) -> list[dict]:
             anat_src = "synthetic block (TotalSegmentator class 1 = spleen, central half of each axis)"
         case = {"case_id": name, "image_path": str(image), "mask_path": str(mask),
                 "rescale_slope": None, "rescale_intercept": None}
-        imaging.segment_case(case, {"backend": "phantom", "class_version": "v2", "min_voxels": 10,
+        segment.segment_case(case, {"backend": "phantom", "class_version": "v2", "min_voxels": 10,
                                     "preprocess": PRE_CFG}, wd / "segment")
         anatomy = wd / "segment" / "anatomy.nii.gz"
         monai_image, monai_note = image, ""
@@ -257,7 +260,7 @@ def part1(data: Path, work: Path, repeats: int, log) -> list[dict]:
             sitk.WriteImage(sitk.ReadImage(str(image)), str(monai_image), useCompression=True)
             monai_note = ("MONAI has no .nrrd reader here (needs itk or pynrrd, neither installed): MONAI read a "
                           ".nii.gz copy written by SimpleITK (untimed); ctvlp read the .nrrd")
-        src = imaging.read_image(image)
+        src = imaging_io.read_image(image)
         spec = {"name": name, "image": str(image), "anatomy": str(anatomy), "cfg": PRE_CFG, "repeats": repeats}
         log(f"[1] {name}: ctvlp ...")
         rc = _run_worker("ctvlp", {**spec, "out_dir": str(wd / "ctvlp")})
@@ -340,7 +343,7 @@ def _loader(storage: str):
     import numpy as np
 
     if storage.startswith("npy mmap"):
-        def f(ip, ap, sl):  # as ctvlp.data.CropDataset.__getitem__
+        def f(ip, ap, sl):  # as ctvlp.training.data.CropDataset.__getitem__
             img = np.load(ip, mmap_mode="r")
             anat = np.load(ap, mmap_mode="r")
             return np.asarray(img[sl], dtype=np.float32), np.asarray(anat[sl])
@@ -419,23 +422,24 @@ def _synthetic(data: Path, seed: int = 0):
     import SimpleITK as sitk
     from scipy import ndimage
 
-    from ctvlp import imaging
+    from ctvlp.imaging import io as imaging_io
+    from ctvlp.imaging import preprocess
 
-    img = sitk.DICOMOrient(imaging.read_image(data / "pyradiomics" / "lung1_image.nrrd"), "LPS")
-    hu = imaging.to_xyz(img).astype(np.float32)
+    img = sitk.DICOMOrient(imaging_io.read_image(data / "pyradiomics" / "lung1_image.nrrd"), "LPS")
+    hu = imaging_io.to_xyz(img).astype(np.float32)
     hu = ndimage.zoom(hu, [t / s for t, s in zip(SYNTH_SHAPE, hu.shape)], order=1)[tuple(slice(0, n) for n in SYNTH_SHAPE)]
     hu += np.random.default_rng(seed).normal(0.0, 10.0, hu.shape).astype(np.float32)
     hu_i16 = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     anatomy = np.zeros(hu.shape, dtype=np.uint8)
     anatomy[(hu > -950) & (hu < -400)] = 1  # "lung"
     anatomy[hu > 300] = 2  # "bone"
-    return imaging.scale_hu(hu_i16, HU_WINDOW), anatomy, hu_i16
+    return preprocess.scale_hu(hu_i16, HU_WINDOW), anatomy, hu_i16
 
 
 def part2(data: Path, work: Path, pre_rows: list[dict], repeats: int, log) -> list[dict]:
     import numpy as np
 
-    from ctvlp import imaging
+    from ctvlp.imaging import preprocess
 
     results = []
     # real: example_ct preprocessed by ctvlp at 1x1x3 mm (untimed here)
@@ -445,7 +449,7 @@ def part2(data: Path, work: Path, pre_rows: list[dict], repeats: int, log) -> li
             "rescale_intercept": None}
     anat_path = work / "pre" / "example_ct" / "segment" / "anatomy.nii.gz"
     d3 = work / "crops" / "example_ct_1x1x3"
-    imaging.preprocess_case(case, anat_path, cfg3, d3 / "ctvlp")
+    preprocess.preprocess_case(case, anat_path, cfg3, d3 / "ctvlp")
     image01 = np.load(d3 / "ctvlp" / "image.npy").astype(np.float32)
     anatomy = np.load(d3 / "ctvlp" / "anatomy.npy")
     hu = np.rint(image01 * (HU_WINDOW[1] - HU_WINDOW[0]) + HU_WINDOW[0]).astype(np.int16)  # windowed HU

@@ -31,7 +31,8 @@ import numpy as np
 import polars as pl
 from sklearn.metrics import precision_recall_fscore_support
 
-from ctvlp import catalog, reports
+from ctvlp import catalog
+from ctvlp.reports import rules
 
 BACKENDS = ("rules",)
 
@@ -43,7 +44,7 @@ def predict(df: pl.DataFrame, backend: str, uncertain_positive: bool) -> tuple[n
     dis = catalog.diseases("ctrate")
     cases = df.select(pl.col("AccessionNo").cast(pl.Utf8).alias("case_id"), pl.col("report_text"))
     t0 = time.perf_counter()
-    parsed = reports.parse_reports(cases, "ctrate")
+    parsed = rules.parse_reports(cases, "ctrate")
     seconds = time.perf_counter() - t0
     positive = {"present", "uncertain"} if uncertain_positive else {"present"}
     found = (
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "# Report parser vs CT-RATE labels",
             "",
             f"- data: `{Path(args.csv).name}` ({df.height} reports)",
-            f"- backend: {args.backend} ({reports.PARSER_VERSION}); uncertain findings count as "
+            f"- backend: {args.backend} ({rules.PARSER_VERSION}); uncertain findings count as "
             f"{'1' if args.uncertain == 'positive' else '0'}",
             f"- machine: {platform.node()}, {cpu()}, Python {platform.python_version()}",
             f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",

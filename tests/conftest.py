@@ -35,15 +35,17 @@ def shared() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> dict:
-    """A synthetic preprocessed cohort for training tests, written where `ctvlp.data.case_paths` looks:
-    6 train and 2 val cases of 32x32x48 voxels, six box-shaped complete anatomies each (never touching
-    the border), their anatomy tables and report rows (normal or one of two abnormal texts)."""
+    """A synthetic preprocessed cohort for training tests, in the per-case folders the imaging stages
+    write, listed in a qc-style cases table (``storage.with_folders``): 6 train and 2 val cases of
+    32x32x48 voxels, six box-shaped complete anatomies each (never touching the border), their anatomy
+    tables and report rows (normal or one of two abnormal texts)."""
     import json
 
     import numpy as np
     import polars as pl
 
-    from ctvlp import catalog, data
+    from ctvlp import catalog
+    from ctvlp.imaging.storage import case_paths, with_folders
 
     root = tmp_path_factory.mktemp("tiny_cohort")
     rng = np.random.default_rng(0)
@@ -61,7 +63,7 @@ def tiny_cohort(tmp_path_factory) -> dict:
                             "text": f"Lesion {rng.integers(0, 2)} in the {a.name}." if abnormal
                             else f"The {a.name} is unremarkable."})
         img = (rng.random(anat.shape) * 0.4 + (anat > 0) * 0.1 * (anat % 5)).astype(np.float16)
-        p = data.case_paths(root, cid)
+        p = case_paths(cid, root / "segment" / cid, root / "preprocessed" / cid)
         for path in (p.image, p.anatomy, p.meta, p.table):
             path.parent.mkdir(parents=True, exist_ok=True)
         np.save(p.image, img)
@@ -70,6 +72,6 @@ def tiny_cohort(tmp_path_factory) -> dict:
         p.meta.write_text(json.dumps({"anatomy_voxels": {a.name: int(counts[a.index]) for a in catalog.anatomies()}}))
         pl.DataFrame([{"case_id": cid, "anatomy": a.name, "index": a.index, "present": bool(counts[a.index]),
                        "complete": bool(counts[a.index])} for a in catalog.anatomies()]).write_parquet(p.table)
-    pl.DataFrame(cases).write_parquet(root / "manifest.parquet")
+    with_folders(pl.DataFrame(cases), root / "segment", root / "preprocessed").write_parquet(root / "cases.parquet")
     pl.DataFrame(reports).write_parquet(root / "reports.parquet")
-    return {"manifest": root / "manifest.parquet", "reports": root / "reports.parquet", "results": root}
+    return {"cases": root / "cases.parquet", "reports": root / "reports.parquet", "root": root}

@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from ctvlp import cli, config
+
 from conftest import REPO
 
 
@@ -50,3 +51,22 @@ def test_cli_stops_at_start_on_bad_config(tmp_path):
     path.write_text(yaml.safe_dump({"train": {"batch_size": "eight"}}))
     with pytest.raises(SystemExit, match="train.batch_size"):
         cli.main(["validate-config", "--config", str(path)])
+
+
+def test_a_stage_that_reads_a_section_its_rule_did_not_pass_stops(tmp_path):
+    """The cohort stage of a table source reads evaluate.catalog (to match label columns): run with
+    only the cohort and seed sections it stops loudly, instead of matching against a default catalog."""
+    (tmp_path / "t.csv").write_text("case_id,image,report\n")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"cohort": {"source": "table", "table": {"path": str(tmp_path / "t.csv")}}}))
+    with pytest.raises(SystemExit, match="read config section 'evaluate'.*did not pass"):
+        cli.main(["cohort", "--config", str(cfg), "--sections", "cohort,seed", "--out", str(tmp_path / "out")])
+
+
+def test_the_schema_ships_as_package_data():
+    """A non-editable install finds the schema inside the package, not through the repository."""
+    from importlib import resources
+
+    text = resources.files("ctvlp").joinpath("config.schema.yaml").read_text(encoding="utf-8")
+    assert yaml.safe_load(text) == config.load_schema()
+    assert "config.schema.yaml" in (REPO / "pyproject.toml").read_text(encoding="utf-8")

@@ -3,18 +3,24 @@ deleted or overwritten outside it, every bad row is excluded with its reason, an
 used fails with a clear message instead of a traceback or silent corruption."""
 
 import json
-import os
 import shutil
-import sys
 
 import nibabel as nib
 import numpy as np
 import polars as pl
 import pytest
 import SimpleITK as sitk
-import torch
 
-from ctvlp import catalog, cli, config, demo_data, evaluate, imaging, ingest, qc, reports, train, workspace
+from ctvlp import catalog, cli, config, workspace
+from ctvlp.cohort import demo, generic, schema
+from ctvlp.evaluation import zeroshot
+from ctvlp.imaging import exclusion, preprocess, qc, segment
+from ctvlp.imaging import io as imaging_io
+from ctvlp.imaging.storage import with_folders
+from ctvlp.model import io as model_io
+from ctvlp.reports import rules
+from ctvlp.reports import schema as report_schema
+from ctvlp.training import phases
 from ctvlp.workspace import UnsafePathError
 
 HOSTILE_IDS = {
@@ -147,7 +153,7 @@ def test_cli_refuses_an_unsafe_case_and_an_unmarked_folder(tmp_path):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("img")
-    case = demo_data.generate_case(0, seed=3)
+    case = demo.generate_case(0, seed=3)
     paths = {}
     for name, arr, dtype in (("ct", case.image, np.int16), ("mask", case.mask, np.uint8)):
         img = nib.Nifti1Image(arr.astype(dtype), case.affine)
@@ -162,35 +168,34 @@ def test_hostile_ids_are_excluded_at_ingest_with_reasons(images, tmp_path):
     ids = [i for i in HOSTILE_IDS if i] + ["ok2", "Case1", "case1"]
     pl.DataFrame({"case_id": ids, "image": [str(images["ct"])] * len(ids),
                   "report": ["Liver normal."] * len(ids)}).write_csv(tmp_path / "t.csv")
-    man, _, exc = ingest.table(tmp_path / "t.csv", split_fractions=(1, 0, 0))
+    man, _, exc = generic.ingest(tmp_path / "t.csv", split_fractions=(1, 0, 0))
     assert man["case_id"].to_list() == ["ok2"]  # "./ok2" never merges into "ok2"
     reasons = dict(zip(exc["case_id"], exc["reason"]))
     assert set(reasons) == set(ids) - {"ok2"}
     assert "share one folder" in reasons["Case1"] and "path separator" in reasons["./ok2"]
-    man, _, exc = ingest.table(tmp_path / "t.csv", split_fractions=(1, 0, 0), unsafe_ids="slug")
+    man, _, exc = generic.ingest(tmp_path / "t.csv", split_fractions=(1, 0, 0), unsafe_ids="slug")
     assert len(man) == len(ids) - 2 and set(exc["case_id"]) == {"Case1", "case1"}
     mapped = man.filter(pl.col("case_id") != pl.col("source_id"))
     assert set(mapped["source_id"]) == {i for i in ids if workspace.case_id_problem(i)}
     assert mapped["ingest_note"].str.contains("mapped from").all()
-    ingest.write(man, None, exc, tmp_path / "out")  # every id safe: accepted
+    schema.write(man, None, exc, tmp_path / "out")  # every id safe: accepted
     with pytest.raises(ValueError, match="unsafe as folder names"):
-        ingest.write(man.with_columns(case_id=pl.col("source_id")), None, exc, tmp_path / "out2")
+        schema.write(man.with_columns(case_id=pl.col("source_id")), None, exc, tmp_path / "out2")
 
 
 def test_generic_table_without_labels_gives_empty_ground_truth_and_a_clear_evaluation_error(images, tmp_path):
     pl.DataFrame({"case_id": ["a"], "image": [str(images["ct"])], "report": ["Liver normal."]}).write_csv(tmp_path / "t.csv")
-    man, gt, exc = ingest.table(tmp_path / "t.csv")
-    paths = ingest.write(man, gt, exc, tmp_path / "cohort")
+    man, gt, exc = generic.ingest(tmp_path / "t.csv")
+    paths = schema.write(man, gt, exc, tmp_path / "cohort")
     truth = pl.read_parquet(paths["ground_truth"])
-    assert truth.is_empty() and truth.schema == pl.Schema(ingest.GROUND_TRUTH_SCHEMA)
-    with pytest.raises(evaluate.NoLabelsError, match="needs? .*labels|label_cols"):
-        evaluate.read_ground_truth(paths["ground_truth"])
+    assert truth.is_empty() and truth.schema == pl.Schema(schema.GROUND_TRUTH_SCHEMA)
+    with pytest.raises(zeroshot.NoLabelsError, match="needs? .*labels|label_cols"):
+        zeroshot.read_ground_truth(paths["ground_truth"])
     settings = tmp_path / "s.json"
     settings.write_text("{}")
     with pytest.raises(SystemExit, match="no ground-truth labels"):
-        cli.main(["evaluate", "--config", str(settings), "--model", str(tmp_path), "--manifest", str(paths["manifest"]),
-                  "--results", str(tmp_path), "--ground-truth", str(paths["ground_truth"]), "--out-dir",
-                  str(tmp_path / "eval")])
+        cli.main(["evaluate", "--config", str(settings), "--model", str(tmp_path), "--cases", str(paths["manifest"]),
+                  "--ground-truth", str(paths["ground_truth"]), "--out-dir", str(tmp_path / "eval")])
 
 
 def test_one_latin1_byte_excludes_only_its_row(images, tmp_path):
@@ -198,11 +203,11 @@ def test_one_latin1_byte_excludes_only_its_row(images, tmp_path):
     good = f"good,{images['ct']},The liver is normal.\n".encode()
     bad = f"bad,{images['ct']},Caf".encode() + b"\xe9 au lait spots; liver normal.\n"
     (tmp_path / "t.csv").write_bytes(head + good + bad)
-    man, _, exc = ingest.table(tmp_path / "t.csv", split_fractions=(1, 0, 0))
+    man, _, exc = generic.ingest(tmp_path / "t.csv", split_fractions=(1, 0, 0))
     assert man["case_id"].to_list() == ["good"]
     row = exc.row(0, named=True)
     assert row["case_id"] == "bad" and "'report'" in row["reason"] and "UTF-8" in row["reason"] and "0xe9" in row["reason"]
-    man, _, exc = ingest.table(tmp_path / "t.csv", split_fractions=(1, 0, 0), fallback_encoding="cp1252")
+    man, _, exc = generic.ingest(tmp_path / "t.csv", split_fractions=(1, 0, 0), fallback_encoding="cp1252")
     assert sorted(man["case_id"]) == ["bad", "good"] and exc.is_empty()
     bad_row = man.filter(pl.col("case_id") == "bad").row(0, named=True)
     assert bad_row["report_text"].startswith("Café") and "cp1252" in bad_row["ingest_note"]
@@ -223,8 +228,8 @@ def _case(path, mask):
 
 def _run(case, tmp_path, settings):
     seg_cfg = {**settings["segment"], "preprocess": settings["preprocess"]}
-    imaging.segment_case(case, seg_cfg, tmp_path / "seg")
-    return imaging.preprocess_case(case, tmp_path / "seg" / "anatomy.nii.gz", settings["preprocess"], tmp_path / "pre")
+    segment.segment_case(case, seg_cfg, tmp_path / "seg")
+    return preprocess.preprocess_case(case, tmp_path / "seg" / "anatomy.nii.gz", settings["preprocess"], tmp_path / "pre")
 
 
 @pytest.mark.parametrize("fmt", ["nrrd", "nii.gz"])
@@ -248,7 +253,7 @@ def test_many_non_finite_voxels_exclude_the_case(images, tmp_path):
     bad = sitk.GetImageFromArray(arr)
     bad.CopyInformation(ct)
     sitk.WriteImage(bad, str(tmp_path / "ct.nrrd"))
-    with pytest.raises(qc.CaseExcluded, match="non-finite voxels .*max_nonfinite_fraction"):
+    with pytest.raises(exclusion.CaseExcluded, match="non-finite voxels .*max_nonfinite_fraction"):
         _run(_case(tmp_path / "ct.nrrd", images["mask"]), tmp_path, _settings())
     assert not (tmp_path / "pre" / "image.npy").exists()
 
@@ -263,18 +268,18 @@ def test_a_declared_size_too_large_is_excluded_before_reading(images, tmp_path, 
     path = tmp_path / ("huge.nhdr" if header.startswith("NRRD") else "huge.mhd")
     path.write_text(header)
     (tmp_path / "huge.raw").write_bytes(b"\0" * 64)  # the voxels are never read
-    spacing, shape = ingest.header_info(path)  # ingest reads headers only
+    spacing, shape = imaging_io.header_info(path)  # ingest reads headers only
     assert shape == (5000, 5000, 5000)
     seg_cfg = {**_settings()["segment"], "preprocess": _settings()["preprocess"]}
-    with pytest.raises(qc.CaseExcluded, match="header declares .*max_voxels"):
-        imaging.segment_case(_case(path, images["mask"]), seg_cfg, tmp_path / "seg")
-    with pytest.raises(qc.CaseExcluded, match="header declares"):
-        imaging.preprocess_case(_case(path, images["mask"]), images["mask"], _settings()["preprocess"], tmp_path / "p")
+    with pytest.raises(exclusion.CaseExcluded, match="header declares .*max_voxels"):
+        segment.segment_case(_case(path, images["mask"]), seg_cfg, tmp_path / "seg")
+    with pytest.raises(exclusion.CaseExcluded, match="header declares"):
+        preprocess.preprocess_case(_case(path, images["mask"]), images["mask"], _settings()["preprocess"], tmp_path / "p")
 
 
 def test_a_resampled_grid_too_large_is_excluded_before_allocation(images, tmp_path):
     settings = _settings(spacing=[0.1, 0.1, 0.1], max_voxels=10_000_000)
-    with pytest.raises(qc.CaseExcluded, match="resampled to .*max_voxels"):
+    with pytest.raises(exclusion.CaseExcluded, match="resampled to .*max_voxels"):
         _run(_case(images["ct"], images["mask"]), tmp_path, settings)
 
 
@@ -325,7 +330,7 @@ def test_a_broken_model_folder_is_refused_before_allocation(tmp_path, content, w
     (tmp_path / "config.json").write_text(content)
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(config.ConfigError, match=words):
-        train.load_model(tmp_path)
+        model_io.load_model(tmp_path)
     with pytest.raises(SystemExit, match=words):  # the CLI says it plainly, no traceback
         cli.main(["predict", "scan.nii.gz", "--model", str(tmp_path), "--device", "cpu"])
 
@@ -335,15 +340,19 @@ def test_a_broken_model_folder_is_refused_before_allocation(tmp_path, content, w
 
 def test_a_non_finite_loss_names_the_cases_of_the_batch(tiny_cohort, tmp_path):
     root = tmp_path / "cohort"
-    shutil.copytree(tiny_cohort["results"], root)
+    shutil.copytree(tiny_cohort["root"], root)
     bad = "tiny_02"
     img = np.load(root / "preprocessed" / bad / "image.npy")
     np.save(root / "preprocessed" / bad / "image.npy", np.full_like(img, np.nan))
-    cfg_model = {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32, "token_stage": 3}
+    cfg_model = {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32, "token_stage": 3,
+                 "vq_codes": 0}
     cfg_train = config.validate({"train": {"epochs": 1, "batch_size": 6, "crop_size": [32, 32, 48], "threads": 1,
                                            "device": "cpu"}})["train"]
     with pytest.raises(FloatingPointError, match=f"non-finite loss .*cases .*{bad}"):
-        train.train(root / "manifest.parquet", root / "reports.parquet", root, tmp_path / "out", cfg_model, cfg_train, 0)
+        cases = pl.read_parquet(root / "cases.parquet")
+        with_folders(cases.select("case_id", "split"), root / "segment", root / "preprocessed").write_parquet(
+            root / "cases.parquet")
+        phases.run("align", root / "cases.parquet", root / "reports.parquet", tmp_path / "out", cfg_model, cfg_train, 0)
 
 
 # ---- report text -------------------------------------------------------------------------------
@@ -352,7 +361,7 @@ def test_a_non_finite_loss_names_the_cases_of_the_batch(tiny_cohort, tmp_path):
 @pytest.mark.parametrize("spoiled", ["cy\u00adst", "cy\u200bst", "cy\x07st", "cy\ufeffst", "ｃｙｓｔ", "cy\u2060st"])
 def test_invisible_and_compatibility_characters_do_not_hide_a_finding(spoiled):
     diseases = catalog.diseases("demo")
-    rows = {r["anatomy"]: r for r in reports.parse_report(f"A renal {spoiled} is seen in the left kidney.", diseases)}
+    rows = {r["anatomy"]: r for r in rules.parse_report(f"A renal {spoiled} is seen in the left kidney.", diseases)}
     assert rows["kidney"]["status"] == "abnormal"
     assert {"disease_id": "kidney_cyst", "presence": "present"} in rows["kidney"]["findings"]
-    assert reports.clean_text(f"a{spoiled}b\u2028c") == "acystb\nc"
+    assert report_schema.clean_text(f"a{spoiled}b\u2028c") == "acystb\nc"

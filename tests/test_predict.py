@@ -6,13 +6,15 @@ import polars as pl
 import pytest
 
 import ctvlp
-from ctvlp import catalog, cli, imaging
+from ctvlp import catalog, cli
 from ctvlp.config import validate
-from ctvlp.train import build_model, save_model
+from ctvlp.imaging import segment
+from ctvlp.model.config import ModelConfig
+from ctvlp.model.io import build_model, save_model
 
-MODEL = {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32, "token_stage": 3,
-         "stem_stride": 2, "text_model": None, "train_text_encoder": False, "temperature": 0.07,
-         "train_text_head": False}
+MODEL = ModelConfig.from_settings(widths=[4, 8, 8, 16], embed_dim=16, heads=2, text_max_length=32, token_stage=3,
+                                  stem_stride=2, text_model=None, train_text_encoder=False, temperature=0.07,
+                                  train_text_head=False, vq_codes=0)
 CONFIG = {"preprocess": {"spacing": [6.0, 6.0, 6.0]}, "evaluate": {"catalog": "demo"}, "train": {"device": "cpu"}}
 
 
@@ -22,7 +24,7 @@ def model_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("model")
-    save_model(build_model(MODEL), out, MODEL, {})
+    save_model(build_model(MODEL), out, {})
     diseases = [d.id for d in catalog.diseases("demo") if d.zero_shot]
     pl.DataFrame({"disease_id": diseases + ["mean"], "threshold": [0.5] * len(diseases) + [None]}).write_csv(
         out / "zeroshot.csv")
@@ -35,7 +37,7 @@ def test_api_and_cli_agree_on_a_real_ct(ts, model_dir, tmp_path):
     zero_shot = [d for d in catalog.diseases("demo") if d.zero_shot]
     assert pred["disease_id"].to_list() == [d.id for d in zero_shot]
     # evaluable exactly where the anatomy is complete in this scan's segmentation
-    seg = imaging.segment_case({"case_id": "x", "image_path": str(scan), "mask_path": str(mask)},
+    seg = segment.segment_case({"case_id": "x", "image_path": str(scan), "mask_path": str(mask)},
                                {"backend": "phantom", "class_version": "v2", "min_voxels": 10,
                                 "preprocess": validate({})["preprocess"]}, tmp_path / "seg")
     complete = dict(zip(seg["anatomy"], seg["complete"]))

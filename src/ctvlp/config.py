@@ -1,6 +1,7 @@
 """Configuration: load YAML, fill schema defaults, validate with errors that name the key.
 
-The schema (``workflow/schemas/config.schema.yaml``) holds every key's type, bounds and default.
+The schema (package data ``ctvlp/config.schema.yaml``, so a non-editable install runs too) holds
+every key's type, bounds and default.
 ``validate`` adds the checks a JSON schema cannot express (a window's lower bound below its upper
 bound, a codec name that exists). A value that may be a secret is never echoed in an error.
 
@@ -14,16 +15,18 @@ from __future__ import annotations
 
 import codecs
 import copy
+import functools
 import hashlib
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = "config.schema.yaml"  # package data
 # keys whose values are never shown in an error message: a user may have pasted a secret there
 SECRET_KEYS = {("reports", "llm", "api_key_env")}
 
@@ -32,12 +35,14 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
+@functools.lru_cache(maxsize=1)
+def _schema_text() -> str:
+    return resources.files("ctvlp").joinpath(SCHEMA).read_text(encoding="utf-8")
+
+
 def load_schema() -> dict:
-    # One schema for the CLI and Snakemake: the workflow's (the package is installed editable
-    # from the repository by `make`).
-    if not SCHEMA_PATH.is_file():
-        raise ConfigError(f"config schema not found at {SCHEMA_PATH}; install ctvlp editable from its repository")
-    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+    """The config schema: one for the CLI and the workflow."""
+    return yaml.safe_load(_schema_text())
 
 
 def _fill_defaults(node: Any, schema: dict) -> Any:
@@ -108,15 +113,15 @@ def validate(config: dict | None, schema: dict | None = None) -> dict:
     return config
 
 
-def validate_section(name: str, values: dict, what: str) -> dict:
+def validate_section(name: str, values: dict, what: str, fill: bool = False) -> dict:
     """One section (e.g. a saved model's "model" settings) checked against the schema's part for
     it (types, bounds, unknown keys); ``what`` names the source in the error. Returns ``values``
-    as given (keys it lacks keep the defaults of whatever reads them)."""
+    with the schema's defaults filled in (``fill``) or as given."""
     try:
-        validate({name: values})
+        checked = validate({name: values})[name]
     except ConfigError as e:
         raise ConfigError(f"{what}: {e}") from None
-    return values
+    return checked if fill else values
 
 
 def load(path: str | Path) -> dict:
@@ -166,6 +171,17 @@ def restrict(config: dict, sections: list[str]) -> Settings:
         else:
             raise ConfigError(f"unknown config key {name!r}")
     return Settings(out, list(sections))
+
+
+# settings that change how a stage runs but not what it computes: not part of a rule's rerun trigger
+RUNTIME_KEYS = {"train": ("threads", "device", "checkpoint_every", "tensorboard", "resume", "workers")}
+
+
+def tracked(settings: dict) -> dict:
+    """``settings`` without the ``RUNTIME_KEYS`` (what a rule's rerun trigger digests)."""
+    return {name: ({k: v for k, v in values.items() if k not in RUNTIME_KEYS[name]}
+                   if name in RUNTIME_KEYS and isinstance(values, dict) else values)
+            for name, values in settings.items()}
 
 
 def digest(values) -> str:

@@ -18,12 +18,15 @@ import polars as pl
 import torch
 
 from . import config as cfgmod
-from . import imaging
 from .catalog import anatomy_by_name
-from .evaluate import disease_scores, embed_volume
-from .qc import CaseExcluded
-from .train import load_model as load_weights
-from .train import pick_device
+from .evaluation.embed import crop_size, embed_volume
+from .evaluation.schema import NOT_EVALUABLE_ANATOMY
+from .imaging.exclusion import CaseExcluded
+from .imaging.preprocess import preprocess_case
+from .imaging.segment import segment_case
+from .model.io import load_model as load_weights
+from .model.io import pick_device
+from .model.zeroshot import disease_scores
 from .workspace import case_id_problem, slug
 
 
@@ -46,22 +49,21 @@ class Predictor:
             seg_cfg["backend"] = "phantom"  # the mask given with the scan, put onto its grid
         with tempfile.TemporaryDirectory(prefix="ctvlp_predict_") as tmp:
             try:
-                table = imaging.segment_case(case, seg_cfg, Path(tmp) / "seg")
-                meta = imaging.preprocess_case(case, Path(tmp) / "seg" / "anatomy.nii.gz", s["preprocess"],
+                table = segment_case(case, seg_cfg, Path(tmp) / "seg")
+                meta = preprocess_case(case, Path(tmp) / "seg" / "anatomy.nii.gz", s["preprocess"],
                                                Path(tmp) / "pre")
             except CaseExcluded as e:
                 raise ValueError(f"{scan}: cannot be used: {e.reason}") from e
             img, anat = np.load(Path(tmp) / "pre" / "image.npy"), np.load(Path(tmp) / "pre" / "anatomy.npy")
         complete = table.sort("index")["complete"].to_numpy()
-        crop = s["train"]["crop_size"] if s["evaluate"]["crop"] == "anatomy" else None
-        emb = embed_volume(self.model, img, anat, complete, meta["anatomy_bbox"], self.device, crop)
+        emb = embed_volume(self.model, img, anat, complete, meta["anatomy_bbox"], self.device, crop_size(s))
         rows = []
         for d, scores in disease_scores(self.model, torch.from_numpy(emb)[None].to(self.device), s["evaluate"]["catalog"]):
             ok = bool(complete[anatomy_by_name(d.anatomy).index - 1])
             thr = self.thresholds.get(d.id)
             prob = float(scores[0]) if ok else None
             rows.append({"case_id": case["case_id"], "disease_id": d.id, "disease": d.name, "anatomy": d.anatomy,
-                         "evaluable": ok, "reason": None if ok else "anatomy absent or incomplete in the scan",
+                         "evaluable": ok, "reason": None if ok else NOT_EVALUABLE_ANATOMY,
                          "probability": prob, "threshold": thr,
                          "decision": None if prob is None or thr is None else ("positive" if prob >= thr else "negative")})
         return pl.DataFrame(rows, schema={"case_id": pl.Utf8, "disease_id": pl.Utf8, "disease": pl.Utf8,

@@ -42,6 +42,10 @@ class UnsafePathError(ValueError):
     """A path that ctvlp was asked to write or delete lies outside its results folder."""
 
 
+class UnsafeCaseIdError(ValueError):
+    """A case id that cannot be used as a folder name."""
+
+
 # ---- case ids --------------------------------------------------------------------------------
 
 
@@ -75,10 +79,10 @@ def case_id_problem(case_id: str) -> str | None:
 
 
 def check_case_id(case_id: str) -> str:
-    """``case_id`` itself, or ValueError with the reason (for ids given by hand)."""
+    """``case_id`` itself, or ``UnsafeCaseIdError`` with the reason (for ids given by hand)."""
     problem = case_id_problem(case_id)
     if problem:
-        raise ValueError(problem)
+        raise UnsafeCaseIdError(problem)
     return case_id
 
 

@@ -1,20 +1,25 @@
+# The cohort: manifest, ground truth and exclusions from the configured source (cohort.source).
+# A checkpoint: the per-case stages fan out over the manifest's cases.
+
+
 checkpoint cohort:
     output:
-        manifest=R("cohort/manifest.parquet"),
-        ground_truth=R("cohort/ground_truth.parquet"),
-        exclusions=R("cohort/exclusions.parquet"),
+        manifest=results_path("cohort/manifest.parquet"),
+        ground_truth=results_path("cohort/ground_truth.parquet"),
+        exclusions=results_path("cohort/exclusions.parquet"),
     params:
         # the disease catalog matters here only to match label columns
         **settings("cohort", "seed", "evaluate.catalog"),
         out=parent_of("manifest"),
     log:
-        R("logs/cohort.log"),
+        results_path("logs/cohort.log"),
     benchmark:
-        R("benchmarks/cohort.tsv")
+        results_path("benchmarks/cohort.tsv")
     threads: 1
     resources:
         mem_mb=2000,
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "ctvlp cohort --config {params.config_file:q} --sections {params.sections} --out {params.out:q} > {log:q} 2>&1"
+        "ctvlp cohort --config {params.config_file:q} --sections {params.sections} --threads {threads}"
+        " --out {params.out:q} > {log:q} 2>&1"

@@ -1,4 +1,7 @@
+# Shared by all the workflow files (the validated config, the results folder, the settings each
+# stage reads, the case list from the cohort checkpoint, and the training chains).
 import os
+import shlex
 from pathlib import Path
 
 import polars as pl
@@ -29,21 +32,29 @@ def write_run_config():
     cfgmod.snapshot(config, CONFIG_FILE.parent)
 
 
-def R(path):
+def results_path(path):
     """A path under the configured results folder."""
     return f"{config['results']}/{path}"
 
 
 def settings(*sections):
     """Rule params for `ctvlp --config {params.config_file} --sections {params.sections}`: the stage
-    may read only these sections (or section.key entries), and a change to them re-runs the rule."""
+    may read only these sections (or section.key entries), and a change to them re-runs the rule
+    (runtime keys such as train.threads or train.device excepted)."""
     return dict(config_file=CONFIG_FILE, sections=",".join(sections),
-                settings=cfgmod.digest(cfgmod.restrict(config, list(sections))))
+                settings=cfgmod.digest(cfgmod.tracked(cfgmod.restrict(config, list(sections)))))
 
 
 def case_ids():
     manifest = checkpoints.cohort.get().output.manifest
     return pl.read_parquet(manifest, columns=["case_id"])["case_id"].to_list()
+
+
+def all_cases(pattern):
+    def inner(wildcards):
+        return [results_path(pattern.format(case=c)) for c in case_ids()]
+
+    return inner
 
 
 def has_labels():
@@ -55,17 +66,10 @@ def has_labels():
 def final_targets(wildcards):
     """Everything `snakemake` builds by default; evaluation only when the cohort has labels."""
     if not has_labels():
-        return [R("qc/summary.md"), R("train/boost/model.safetensors")]
-    return [R(f) for f in ("eval/zeroshot.md", "eval/zeroshot_by_organ.md", "eval/zeroshot_by_type.md",
+        return [results_path("qc/summary.md"), results_path("train/boost/model.safetensors")]
+    return [results_path(f) for f in ("eval/zeroshot.md", "eval/zeroshot_by_organ.md", "eval/zeroshot_by_type.md",
                            "eval/linear_probe.md", "eval/figures/roc_per_organ.png", "eval/figures/tsne.png",
                            "eval/figures/activation_histograms.png", "eval/figures/activation_maps.png")]
-
-
-def all_cases(pattern):
-    def inner(wildcards):
-        return [R(pattern.format(case=c)) for c in case_ids()]
-
-    return inner
 
 
 def parent_of(name, up=0):
@@ -81,37 +85,29 @@ def parent_of(name, up=0):
 TRAIN_GPU = 1 if config["train"]["device"].startswith("cuda") else 0
 
 
-# ---- training phases and evaluated models (train.smk, evaluate.smk) ----
+# ---- training chains (train.smk) and evaluated models (evaluate.smk) ----
+# Each chain runs phases in order; a phase starts from the chain's previous phase.
+CHAINS = {
+    "train": ("visual_cl", "align", "normality", "boost"),  # the full method, ViSD-Boost
+    "ablation/fvlm": ("align",),  # fVLM: phase 2 only
+    "ablation/fvlm_icl": ("visual_cl", "align"),  # instance-level phase 1, then phase 2
+    "ablation/clip": ("global",),  # CLIP-style global alignment
+}
 
-def phase_inputs(init_phase=None):
+
+def previous_phase(chain, phase):
+    phases = CHAINS[chain]
+    i = phases.index(phase)
+    return phases[i - 1] if i else None
+
+
+def phase_inputs(w):
     """Data every phase reads, plus the previous phase's model where the chain has one."""
-
-    def inner(w):
-        inputs = {"manifest": R("qc/cases.parquet"), "reports": R("reports/reports.parquet")}
-        if init_phase and not (init_phase == "visual_cl" and w.chain == "ablation/fvlm"):
-            inputs["init"] = R(f"{w.chain}/{init_phase}/model.safetensors")
-        return inputs
-
-    return inner
-
-
-def phase_rule_params(phase):
-    return dict(
-        **settings("model", "train", "seed"),
-        results=parent_of("manifest", up=1),
-        out_dir=parent_of("weights"),
-        init=lambda w, input: f"--init {Path(input.init).parent}" if "init" in input.keys() else "",
-        contrast=lambda w: "instance" if w.chain == "ablation/fvlm_icl" else "disease",
-        phase=phase,
-    )
-
-
-TRAIN_SHELL = (
-    "ctvlp train --phase {params.phase} --config {params.config_file:q} --sections {params.sections}"
-    " --manifest {input.manifest:q}"
-    " --reports {input.reports:q} --results {params.results:q} --out-dir {params.out_dir:q} {params.init}"
-    " --contrast {params.contrast} > {log:q} 2>&1"
-)
+    inputs = {"cases": results_path("qc/cases.parquet"), "reports": results_path("reports/reports.parquet")}
+    before = previous_phase(w.chain, w.phase)
+    if before:
+        inputs["init"] = results_path(f"{w.chain}/{before}/model.safetensors")
+    return inputs
 
 
 VARIANT_MODEL = {
@@ -124,4 +120,4 @@ VARIANT_MODEL = {
 
 def model_of(w):
     folder = "train/boost" if w.evaldir == "eval" else VARIANT_MODEL[w.evaldir.split("/")[-1]]
-    return {"weights": R(f"{folder}/model.safetensors"), "config": R(f"{folder}/config.json")}
+    return {"weights": results_path(f"{folder}/model.safetensors"), "config": results_path(f"{folder}/config.json")}

@@ -1,18 +1,22 @@
+# Report parsing: per-anatomy text and status from every report (reports.backend: rules or llm).
+
+
 rule reports:
     input:
-        manifest=R("cohort/manifest.parquet"),
+        manifest=results_path("cohort/manifest.parquet"),
     output:
-        R("reports/reports.parquet"),
+        results_path("reports/reports.parquet"),
     params:
         **settings("reports"),
     log:
-        R("logs/reports.log"),
+        results_path("logs/reports.log"),
     benchmark:
-        R("benchmarks/reports.tsv")
+        results_path("benchmarks/reports.tsv")
     threads: 1
     resources:
         mem_mb=2000,
     conda:
         "../../envs/reports.yaml"
     shell:
-        "ctvlp reports --config {params.config_file:q} --sections {params.sections} --manifest {input.manifest:q} --out {output:q} > {log:q} 2>&1"
+        "ctvlp reports --config {params.config_file:q} --sections {params.sections} --threads {threads}"
+        " --manifest {input.manifest:q} --out {output:q} > {log:q} 2>&1"

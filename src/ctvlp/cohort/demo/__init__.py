@@ -1,0 +1,192 @@
+"""Built-in synthetic cohort: CT-like volumes, TotalSegmentator v2 masks, reports and labels.
+
+Every case is a deterministic function of ``(index, seed)``: a thorax-abdomen-pelvis CT in HU
+(int16, array order (X, Y, Z) as nibabel stores it, RAS+ world coordinates in mm), a multilabel
+organ mask with TotalSegmentator v2 class ids, ground-truth labels for the 16 diseases of the
+``demo`` catalog, the rendered imaging sign of every positive disease, and a free-text radiology
+report ("FINDINGS:" / "IMPRESSION:") that states every positive finding by its catalog name or one
+of its synonyms and never states a negative one as present.
+
+Orientation: in nibabel's RAS+ world space +x points to the patient's Right, +y Anterior and
++z Superior. Affines here are ``diag(sx, sy, sz)`` plus an origin, so the voxel index i grows
+towards the patient's right: the liver and gallbladder lie at larger x than the spleen and the
+stomach, and the heart lies slightly to the left (smaller x) of the midline.
+
+Defaults: ``PREVALENCE = 0.2`` for every disease, drawn independently per case; ``write_cohort``
+assigns splits by iterative stratification (deterministic from the seed), so a cohort of
+``DEFAULT_N_CASES = 160`` with ``DEFAULT_SEED = 0`` has at least 3 positives of every disease in
+each of the val and test splits (checked by the tests).
+
+Rendering notes:
+- Native spacing: in-plane 1.6-2.6 mm, slices 2.5-4.5 mm, rounded to multiples of 1/256 mm (so
+  that NIfTI's float32 header fields hold them exactly); FOV 340 x 260 x 520 mm (lung apex to
+  bladder floor).
+- 80 % of the cases are contrast-enhanced (aorta ~155 HU, enhancing renal cortex ~150 HU, blood
+  pool of the heart ~130 HU), the rest unenhanced (~40 HU); parenchymal organs keep the same HU.
+- Lesion radii follow the brief, except lower bounds raised so that every sign stays visible after
+  resampling to 5 mm: lung nodule r 4.5-8 mm, renal calculus r 3-5 mm, gallstone r 3.5-7 mm.
+- Kidney cysts are labelled kidney_left/kidney_right (not TotalSegmentator's kidney_cyst_* classes),
+  so the mask never gives a disease away; an adrenal nodule grows the adrenal label.
+- ``Case.lesions`` holds one entry per local lesion and one entry per diffuse sign (its changed
+  region: fatty liver = liver, emphysema = lung, effusion = fluid layer in the lower lobes, ...).
+
+Modules, each importing only the ones before it: ``canvas`` (painting primitives), ``anatomy``
+(the normal phantom), ``lesions`` (``DISEASES``: one entry per disease, how it alters the anatomy,
+paints its sign and what it records), ``report_text`` (``WORDING``: one entry per disease, and the
+normal phrasing), ``splits`` (``assign_splits``), and this package (cases and ``write_cohort``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctvlp import catalog
+
+from ..schema import GROUND_TRUTH_SCHEMA, MANIFEST_SCHEMA, frame, write
+from .anatomy import TOTALSEG, render_anatomy
+from .lesions import Lesion, anatomy_changes, render_signs
+from .report_text import make_report
+from .splits import assign_splits
+
+__all__ = [
+    "Case",
+    "Lesion",
+    "DEFAULT_SEED",
+    "DEFAULT_N_CASES",
+    "PREVALENCE",
+    "SOURCE",
+    "case_labels",
+    "generate_case",
+    "assign_splits",
+    "write_cohort",
+]
+
+DEFAULT_SEED = 0
+DEFAULT_N_CASES = 160
+PREVALENCE = 0.2
+SOURCE = "demo"
+HU_MIN, HU_MAX = -1024, 3071
+
+
+@dataclass
+class Case:
+    case_id: str
+    image: np.ndarray  # int16 HU, (X, Y, Z)
+    mask: np.ndarray  # uint8 TotalSegmentator v2 class ids
+    affine: np.ndarray  # 4x4 RAS+ mm
+    spacing: tuple[float, float, float]
+    labels: dict[str, int]
+    lesions: list[Lesion] = field(default_factory=list)
+    report: str = ""
+
+
+def _streams(index: int, seed: int) -> tuple[np.random.Generator, ...]:
+    """The case's generators: labels, geometry (anatomy), text."""
+    if index < 0 or seed < 0:
+        raise ValueError("index and seed must be non-negative integers")
+    seeds = np.random.SeedSequence([int(seed), int(index)])
+    return tuple(np.random.default_rng(s) for s in seeds.spawn(3))  # labels, geometry, text
+
+
+def _disease_ids() -> list[str]:
+    return [d.id for d in catalog.diseases("demo")]
+
+
+def case_labels(index: int, seed: int) -> dict[str, int]:
+    """Ground-truth labels of case ``index`` (cheap: no volume is rendered)."""
+    rng = _streams(index, seed)[0]
+    draws = rng.random(len(_disease_ids()))
+    return {d: int(u < PREVALENCE) for d, u in zip(_disease_ids(), draws)}
+
+
+def generate_case(index: int, seed: int) -> Case:
+    """Render synthetic case ``index`` of the cohort ``seed`` (deterministic)."""
+    labels = case_labels(index, seed)
+    _, rng_geometry, rng_text = _streams(index, seed)
+    phantom = render_anatomy(rng_geometry, anatomy_changes(labels))
+    rng_signs = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 7]))
+    lesions, records = render_signs(phantom, labels, rng_signs)
+    cv = phantom.canvas
+    # measured after the signs: an adrenal nodule may grow into the spleen
+    spleen_cm = cv.extent_cm(cv.lab == TOTALSEG.spleen, 2)
+    noise_rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 11]))
+    sigma = float(noise_rng.uniform(5, 25))
+    img = cv.hu
+    img += noise_rng.standard_normal(img.shape, dtype=np.float32) * np.float32(sigma)
+    np.clip(img, HU_MIN, HU_MAX, out=img)
+    image = np.rint(img).astype(np.int16)
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(cv.spacing)
+    affine[:3, 3] = cv.origin
+    report = make_report(labels, records, rng_text, spleen_cm=spleen_cm, contrast=phantom.contrast)
+    return Case(
+        case_id=f"demo_{index:04d}",
+        image=image,
+        mask=cv.lab,
+        affine=affine,
+        spacing=tuple(float(x) for x in cv.spacing),
+        labels=labels,
+        lesions=lesions,
+        report=report,
+    )
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype) -> None:
+    import nibabel as nib
+
+    nii = nib.Nifti1Image(array.astype(dtype, copy=False), affine)
+    nii.header.set_data_dtype(dtype)
+    nii.header.set_xyzt_units("mm")
+    nii.set_qform(affine, code=1)
+    nii.set_sform(affine, code=1)
+    nib.save(nii, str(path))
+
+
+def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
+                 split: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Path:
+    """Write ``n_cases`` synthetic cases (NIfTI images and masks) plus manifest and ground truth.
+
+    Returns the path of ``out_dir/manifest.parquet``.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    all_labels = [case_labels(i, seed) for i in range(n_cases)]
+    splits = assign_splits(all_labels, seed, split)
+    anatomy_of = {d.id: d.anatomy for d in catalog.diseases("demo")}
+    manifest_rows, truth_rows = [], []
+    for i in tqdm(range(n_cases), desc="demo cohort", unit="case"):
+        case = generate_case(i, seed)
+        image_path = out_dir / "images" / f"{case.case_id}.nii.gz"
+        mask_path = out_dir / "masks" / f"{case.case_id}.nii.gz"
+        _save_nifti(case.image, case.affine, image_path, np.int16)
+        _save_nifti(case.mask, case.affine, mask_path, np.uint8)
+        manifest_rows.append({
+            "case_id": case.case_id,
+            "split": splits[i],
+            "image_path": str(image_path),
+            "mask_path": str(mask_path),
+            "report_text": case.report,
+            "source": SOURCE,
+            "spacing_x": case.spacing[0],
+            "spacing_y": case.spacing[1],
+            "spacing_z": case.spacing[2],
+            "shape_x": int(case.image.shape[0]),
+            "shape_y": int(case.image.shape[1]),
+            "shape_z": int(case.image.shape[2]),
+            "rescale_slope": None,
+            "rescale_intercept": None,
+            "source_id": case.case_id,
+            "ingest_note": None,
+        })
+        for disease_id, value in case.labels.items():
+            truth_rows.append({"case_id": case.case_id, "disease_id": disease_id,
+                               "anatomy": anatomy_of[disease_id], "label": int(value)})
+    manifest = frame(manifest_rows, MANIFEST_SCHEMA)
+    truth = frame(truth_rows, GROUND_TRUTH_SCHEMA)
+    return write(manifest, truth, None, out_dir)["manifest"]

@@ -1,0 +1,136 @@
+"""A generic table of cases: one row per CT (image path, report, optional id, split, patient,
+mask and label columns)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from ..imaging.io import header_info
+from .ids import with_safe_ids
+from .labels import ground_truth, label_columns
+from .schema import EXCLUSIONS_SCHEMA, GROUND_TRUTH_SCHEMA, INGEST, MANIFEST_SCHEMA, empty, frame
+from .splits import split_groups
+from .tables import ROW_ERROR, ROW_NOTE, read_table, strip_image_suffix, text
+
+
+def _normalise_split(v) -> str | None:
+    s = text(v).lower()
+    return {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+            "dev": "val", "test": "test", "testing": "test"}.get(s)
+
+
+def ingest(path, image_col: str = "image", report_col: str = "report", id_col: str = "case_id",
+          split_col: str | None = None, label_cols=None, split_fractions=(0.8, 0.1, 0.1), seed: int = 0,
+          base_dir=None, patient_col: str | None = None, mask_col: str | None = None,
+          disease_catalog: str = "ctrate", source: str | None = None, unsafe_ids: str = "exclude",
+          fallback_encoding: str | None = None):
+    """Manifest, ground truth and exclusions from a CSV/TSV/Parquet table of images and reports.
+
+    image_col: path of a NIfTI/NRRD/MHA file or a DICOM series folder; relative paths resolve
+        against ``base_dir`` (default: the table's folder). Spacing and shape come from the headers.
+    id_col: case id column; when the table has no such column the id is the image's file (or
+        folder) name without its extension.
+    split_col: column with train/val/test (also train(ing)/valid(ation)/dev/test(ing)); without
+        it cases are split by ``patient_col`` (or by case) with ``split_fractions`` and ``seed``.
+    label_cols: list of label columns named by disease id or name of ``disease_catalog``, or a
+        dict column -> disease id/name; values 0/1 (missing values go to the exclusions, stage
+        "ground_truth"). Without label columns the ground truth is empty.
+    mask_col: optional column of TotalSegmentator multilabel masks (manifest mask_path).
+    unsafe_ids: an id that cannot be a folder name (``workspace.case_id_problem``) is excluded
+        ("exclude") or mapped to a safe name recorded in ``source_id`` / ``ingest_note`` ("slug");
+        ids that would share a folder are excluded either way.
+    fallback_encoding: decode CSV rows that are not UTF-8 with it (else such a row is excluded).
+    Missing or unreadable images, missing masks, empty reports and duplicate ids go to the
+    exclusions (stage "ingest"). Returns ``(manifest, ground_truth, exclusions)``.
+    """
+    path = Path(path)
+    df = read_table(path, fallback_encoding)
+    base = Path(base_dir) if base_dir is not None else path.resolve().parent
+    source = source or path.stem
+    for col, what in ((image_col, "image_col"), (report_col, "report_col"), (split_col, "split_col"),
+                      (patient_col, "patient_col"), (mask_col, "mask_col")):
+        if col is not None and col not in df.columns:
+            raise ValueError(f"{path}: {what} {col!r} is not a column (columns: {', '.join(df.columns)})")
+
+    def _resolve(v) -> Path | None:
+        s = text(v)
+        if not s:
+            return None
+        p = Path(s).expanduser()
+        return p if p.is_absolute() else base / p
+
+    excl: list[dict] = []
+    rows, groups, fixed_split, seen = [], {}, {}, set()
+    label_of: dict[str, dict] = {}
+    for i, r in enumerate(df.iter_rows(named=True)):
+        img = _resolve(r[image_col])
+        if id_col in df.columns and text(r[id_col]):
+            cid = text(r[id_col])
+        elif img is not None:
+            cid = strip_image_suffix(img.name)
+        else:
+            cid = f"row{i}"
+        if r[ROW_ERROR]:
+            excl.append({"case_id": cid, "stage": INGEST, "reason": f"table row {i}: {r[ROW_ERROR]}"})
+            continue
+        if cid in seen:
+            excl.append({"case_id": cid, "stage": INGEST, "reason": f"duplicate case_id (row {i})"})
+            continue
+        seen.add(cid)
+        if img is None:
+            excl.append({"case_id": cid, "stage": INGEST, "reason": "no image path"})
+            continue
+        if not img.exists():
+            excl.append({"case_id": cid, "stage": INGEST, "reason": f"image not found: {img}"})
+            continue
+        report = text(r[report_col])
+        if not report:
+            excl.append({"case_id": cid, "stage": INGEST, "reason": "empty report"})
+            continue
+        mask = None
+        if mask_col is not None:
+            mask = _resolve(r[mask_col])
+            if mask is not None and not mask.exists():
+                excl.append({"case_id": cid, "stage": INGEST, "reason": f"mask not found: {mask}"})
+                continue
+        try:
+            spacing, shape = header_info(img)
+        except Exception as e:  # noqa: BLE001
+            excl.append({"case_id": cid, "stage": INGEST, "reason": f"unreadable image {img}: {e}"})
+            continue
+        if split_col is not None:
+            s = _normalise_split(r[split_col])
+            if s is None:
+                excl.append({"case_id": cid, "stage": INGEST,
+                             "reason": f"unknown split {r[split_col]!r} (use train/val/test)"})
+                continue
+            fixed_split[cid] = s
+        groups[cid] = text(r[patient_col]) if patient_col is not None and text(r[patient_col]) else cid
+        rows.append({"case_id": cid, "image_path": str(img), "mask_path": None if mask is None else str(mask),
+                     "report_text": report, "source": source,
+                     "spacing_x": spacing[0], "spacing_y": spacing[1], "spacing_z": spacing[2],
+                     "shape_x": shape[0], "shape_y": shape[1], "shape_z": shape[2],
+                     "rescale_slope": None, "rescale_intercept": None, "source_id": cid,
+                     "ingest_note": r[ROW_NOTE]})
+        label_of[cid] = r
+
+    rows = with_safe_ids(rows, unsafe_ids, excl)
+    if split_col is None:
+        by_group = split_groups([groups[row["source_id"]] for row in rows], split_fractions, seed)
+        for row in rows:
+            row["split"] = by_group[groups[row["source_id"]]]
+    else:
+        for row in rows:
+            row["split"] = fixed_split[row["source_id"]]
+    manifest = frame(rows, MANIFEST_SCHEMA).select(list(MANIFEST_SCHEMA)).sort("case_id")
+
+    truth = empty(GROUND_TRUTH_SCHEMA)
+    if label_cols:
+        cols = label_columns(label_cols, df.columns, disease_catalog)
+        labels = pl.DataFrame({"__key": [row["case_id"] for row in rows],
+                               **{c: [text(label_of[row["source_id"]][c]) or None for row in rows] for c in cols}},
+                              schema={"__key": pl.Utf8, **{c: pl.Utf8 for c in cols}})
+        truth = ground_truth(labels, "__key", {row["case_id"]: row["case_id"] for row in rows}, cols, excl)
+    return manifest, truth, frame(excl, EXCLUSIONS_SCHEMA)

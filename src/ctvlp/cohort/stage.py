@@ -1,0 +1,45 @@
+"""The cohort stage: the configured source (``cohort.source``) as manifest, ground truth and
+exclusions in one folder (``schema.write``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import ctrate, generic
+from .schema import write
+
+log = logging.getLogger(__name__)
+
+
+def build_cohort(settings: dict, out_dir) -> dict[str, Path]:
+    """Write the cohort of ``settings`` (sections cohort, seed, evaluate.catalog) into ``out_dir``;
+    returns the paths written."""
+    cohort, seed = settings["cohort"], settings["seed"]
+    if cohort["source"] == "demo":
+        from .demo import write_cohort
+
+        path = write_cohort(out_dir, n_cases=cohort["n_cases"], seed=seed, split=tuple(cohort["split"]))
+        return {"manifest": path}
+    if cohort["source"] == "ctrate":
+        source = cohort["ctrate"]
+        missing = [k for k in ("volumes_root", "metadata_csv", "reports_csv") if not source[k]]
+        if missing:
+            raise SystemExit(f"cohort.source ctrate needs cohort.ctrate.{', cohort.ctrate.'.join(missing)}")
+        manifest, truth, excluded = ctrate.ingest(
+            source["volumes_root"], source["metadata_csv"], source["reports_csv"], source["labels_csv"],
+            split=source["split"], one_recon_per_scan=source["one_recon_per_scan"],
+            val_fraction=source["val_fraction"], seed=seed, fallback_encoding=cohort["text_fallback_encoding"])
+    else:
+        source = cohort["table"]
+        if not source["path"]:
+            raise SystemExit("cohort.source table needs cohort.table.path")
+        manifest, truth, excluded = generic.ingest(
+            source["path"], image_col=source["image_col"], report_col=source["report_col"], id_col=source["id_col"],
+            split_col=source["split_col"], label_cols=source["label_cols"], split_fractions=tuple(cohort["split"]),
+            seed=seed, patient_col=source["patient_col"], mask_col=source["mask_col"],
+            disease_catalog=settings["evaluate"]["catalog"], unsafe_ids=cohort["unsafe_ids"],
+            fallback_encoding=cohort["text_fallback_encoding"])
+    paths = write(manifest, truth, excluded, out_dir)
+    log.info("%d cases in the manifest, %d exclusions (see %s)", len(manifest), len(excluded), paths["exclusions"])
+    return paths

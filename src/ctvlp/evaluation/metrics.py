@@ -1,0 +1,145 @@
+"""Metrics of a predictions table: the threshold of each disease chosen on the validation split
+and applied unchanged to test, test metrics per disease with 95% bootstrap CIs of the AUC, the
+tables (Markdown, CSV, Parquet; per organ and local/diffuse), and the ablation table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from tabulate import tabulate
+
+METRICS = ["auc", "sensitivity", "specificity", "accuracy", "precision", "f1"]
+
+
+def choose_threshold(y: np.ndarray, score: np.ndarray, rule: str = "youden") -> float:
+    """Operating point on one split: Youden's J or the ROC point closest to (0, 1)."""
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, score)
+    thr = np.clip(thr, 0.0, 1.0)  # sklearn's first threshold is +inf
+    k = np.argmax(tpr - fpr) if rule == "youden" else np.argmin(fpr**2 + (1 - tpr) ** 2)
+    return float(thr[k])
+
+
+def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict:
+    pred = (score >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    div = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
+    sens, prec = div(tp, tp + fn), div(tp, tp + fp)
+    return {
+        "auc": float(roc_auc_score(y, score)) if len(np.unique(y)) == 2 else float("nan"),
+        "sensitivity": sens, "specificity": div(tn, tn + fp), "accuracy": div(tp + tn, len(y)),
+        "precision": prec, "f1": div(2 * prec * sens, prec + sens) if tp else 0.0,
+    }
+
+
+def metrics_table(pred: pl.DataFrame, rule: str = "youden", n_resamples: int = 1000, seed: int = 0):
+    """Per-disease test metrics and 95% bootstrap CIs of AUC; returns (table, CI of the mean AUC)."""
+    ci, mean_ci = bootstrap_auc(pred, n_resamples, seed=seed) if n_resamples else ({}, (np.nan, np.nan))
+    rows = []
+    for (disease_id,), g in pred.group_by(["disease_id"], maintain_order=True):
+        first = g.row(0, named=True)
+        ev = g.filter(pl.col("evaluable"))
+        val, test = ev.filter(pl.col("split") == "val"), ev.filter(pl.col("split") == "test")
+        thr = choose_threshold(val["label"].to_numpy(), val["score"].to_numpy(), rule)
+        m = binary_metrics(test["label"].to_numpy(), test["score"].to_numpy(), thr) if len(test) else {
+            k: float("nan") for k in METRICS}
+        low, high = ci.get(disease_id, (float("nan"), float("nan")))
+        rows.append({"disease_id": disease_id, "disease": first["disease"], "organ": first["organ"],
+                     "type": first["type"], **m, "auc_ci_low": low, "auc_ci_high": high, "threshold": thr,
+                     "test_positives": int(test["label"].sum()), "test_evaluable": len(test),
+                     "test_not_evaluable": int((g["split"] == "test").sum()) - len(test)})
+    return pl.DataFrame(rows), mean_ci
+
+
+def bootstrap_auc(pred: pl.DataFrame, n_resamples: int = 1000, level: float = 0.95, seed: int = 0):
+    """Percentile bootstrap over test CASES (one resample serves every disease, so the mean over
+    diseases keeps its within-case correlation). Returns ({disease_id: (low, high)}, (low, high) of
+    the mean AUC). A resample where a disease has one class only leaves that disease out of it."""
+    test = pred.filter((pl.col("split") == "test") & pl.col("evaluable"))
+    cases = np.array(sorted(set(test["case_id"].to_list())))
+    if len(cases) == 0:
+        return {}, (float("nan"), float("nan"))
+    col = {c: i for i, c in enumerate(cases)}
+    per = {}
+    for (d,), g in test.group_by(["disease_id"], maintain_order=True):
+        per[d] = (np.array([col[c] for c in g["case_id"]]), g["label"].to_numpy(), g["score"].to_numpy())
+    rng = np.random.default_rng(seed)
+    aucs = {d: [] for d in per}
+    means = []
+    for _ in range(n_resamples):
+        weight = np.bincount(rng.integers(0, len(cases), len(cases)), minlength=len(cases))
+        vals = []
+        for d, (idx, y, s) in per.items():
+            w = weight[idx]
+            yy, ss = np.repeat(y, w), np.repeat(s, w)
+            if len(np.unique(yy)) == 2:
+                v = roc_auc_score(yy, ss)
+                aucs[d].append(v)
+                vals.append(v)
+        if vals:
+            means.append(np.mean(vals))
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    ci = {d: tuple(np.percentile(v, q)) if v else (float("nan"), float("nan")) for d, v in aucs.items()}
+    return ci, tuple(np.percentile(means, q)) if means else (float("nan"), float("nan"))
+
+
+def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot",
+                 mean_ci=(float("nan"), float("nan"))) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # the mean row averages each metric over the diseases where it is defined (a disease without
+    # positives in the test split has no AUC), as the bootstrap of the mean does
+    mean = table.select(pl.lit("mean").alias("disease_id"), pl.lit("mean").alias("disease"),
+                        pl.lit("").alias("organ"), pl.lit("").alias("type"),
+                        *[pl.col(c).fill_nan(None).mean() for c in METRICS], pl.lit(mean_ci[0]).alias("auc_ci_low"),
+                        pl.lit(mean_ci[1]).alias("auc_ci_high"), pl.lit(None, dtype=pl.Float64).alias("threshold"),
+                        pl.col("test_positives").sum(), pl.col("test_evaluable").sum(),
+                        pl.col("test_not_evaluable").sum())
+    full = pl.concat([table, mean], how="vertical_relaxed")
+    paths = {"csv": out_dir / f"{stem}.csv", "parquet": out_dir / f"{stem}.parquet", "md": out_dir / f"{stem}.md"}
+    full.write_csv(paths["csv"])
+    full.write_parquet(paths["parquet"])
+    paths["md"].write_text(markdown(full))
+    # per organ (the paper's Table 2) and local vs diffuse (its Table 8): means over diseases
+    for by in ("organ", "type"):
+        summary = (table.group_by(by, maintain_order=True)
+                   .agg(pl.len().alias("diseases"), *[pl.col(c).fill_nan(None).mean() for c in METRICS],
+                        pl.col("test_positives").sum()))
+        paths[f"by_{by}_csv"] = out_dir / f"{stem}_by_{by}.csv"
+        paths[f"by_{by}_md"] = out_dir / f"{stem}_by_{by}.md"
+        summary.write_csv(paths[f"by_{by}_csv"])
+        paths[f"by_{by}_md"].write_text(markdown(summary))
+    return paths
+
+
+def markdown(df: pl.DataFrame) -> str:
+    return tabulate(df.rows(), headers=df.columns, tablefmt="github", floatfmt=".3f", missingval="n/a") + "\n"
+
+
+ABLATION = {  # variant -> the paper's Table 5 wording
+    "clip": "CLIP-style global alignment (whole volume vs whole report)",
+    "fvlm": "fVLM: anatomy-wise alignment (phase 2 only)",
+    "fvlm_icl": "+ instance-level visual contrastive learning (phase 1 instance, then 2)",
+    "fvlm_dcl": "+ disease-level visual contrastive learning (phases 1-2)",
+    "visd": "+ VSDB = ViSD-Boost (phases 1-4)",
+}
+
+
+def ablation_table(tables: dict[str, str | Path]) -> pl.DataFrame:
+    """One row per variant from its zeroshot.csv: mean test AUC with its 95% bootstrap CI, mean
+    AUC over local and over diffuse diseases, mean sensitivity/specificity/accuracy."""
+    rows = []
+    for variant, path in tables.items():
+        t = pl.read_csv(path)
+        diseases, mean = t.filter(pl.col("disease_id") != "mean"), t.filter(pl.col("disease_id") == "mean").row(0, named=True)
+        by_type = {ty: diseases.filter(pl.col("type") == ty)["auc"].fill_nan(None).mean() for ty in ("local", "diffuse")}
+        rows.append({"variant": variant, "method": ABLATION.get(variant, variant), "auc": mean["auc"],
+                     "auc_ci_low": mean["auc_ci_low"], "auc_ci_high": mean["auc_ci_high"],
+                     "auc_local": by_type["local"], "auc_diffuse": by_type["diffuse"],
+                     "sensitivity": mean["sensitivity"], "specificity": mean["specificity"],
+                     "accuracy": mean["accuracy"], "diseases": len(diseases)})
+    return pl.DataFrame(rows)

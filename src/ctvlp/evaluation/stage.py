@@ -1,0 +1,49 @@
+"""The evaluation rules' work: zero-shot tables, the linear probe, the figures and the ablation
+table, each from the workflow's settings (sections evaluate, train, model, seed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from . import figures, metrics, probe, zeroshot
+from .embed import crop_size
+
+
+def evaluate_zeroshot(settings: dict, model_dir, cases, ground_truth, out_dir) -> dict[str, Path]:
+    """predictions.parquet and the zero-shot tables (zeroshot.{md,csv,parquet}, by organ and type).
+    ``cases``: qc/cases.parquet (as for every function here)."""
+    evaluate = settings["evaluate"]
+    pred = zeroshot.predict(model_dir, cases, ground_truth, evaluate["catalog"], settings["train"]["device"],
+                            crop_size(settings))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred.write_parquet(out / "predictions.parquet")
+    table, mean_ci = metrics.metrics_table(pred, evaluate["threshold"], evaluate["bootstrap"], settings["seed"])
+    return metrics.write_tables(table, out, mean_ci=mean_ci)
+
+
+def linear_probe(settings: dict, model_dir, cases, reports, ground_truth, out_dir) -> dict[str, Path]:
+    evaluate = settings["evaluate"]
+    pred = probe.linear_probe(model_dir, cases, reports, ground_truth, evaluate["catalog"],
+                              settings["train"]["device"], crop_size(settings), settings["seed"])
+    return probe.write(pred, out_dir, evaluate["threshold"], evaluate["bootstrap"], settings["seed"])
+
+
+def make_figures(settings: dict, model_dir, predictions, cases, ground_truth, out_dir,
+                 baseline_model_dir=None, n_cases: int = 100) -> dict[str, Path]:
+    return figures.make_all(model_dir, predictions, cases, ground_truth, out_dir,
+                            settings["evaluate"]["catalog"], settings["train"]["device"],
+                            baseline_model_dir=baseline_model_dir, n_cases=n_cases, crop_size=crop_size(settings),
+                            seed=settings["seed"])
+
+
+def ablation(tables: dict[str, str], out) -> pl.DataFrame:
+    """The ablation table from each variant's zeroshot.csv into ``out`` (.md, and .csv beside it)."""
+    table = metrics.ablation_table(tables)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.write_csv(out.with_suffix(".csv"))
+    out.write_text(metrics.markdown(table))
+    return table

@@ -1,0 +1,60 @@
+"""Zero-shot diagnosis: each val/test case's anatomy embedding scored against its diseases'
+positive and negative prompts, joined with the ground truth. The operating threshold of each
+disease is chosen on the validation split later (``metrics``), never on test labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import torch
+
+from .. import catalog
+from ..imaging.storage import paths_from
+from ..model.io import load_model, pick_device
+from ..model.zeroshot import disease_scores
+from .embed import embed_cases
+from .schema import NOT_EVALUABLE_ANATOMY, NoLabelsError
+
+
+def read_ground_truth(ground_truth) -> pl.DataFrame:
+    """The cohort's ground truth (a Parquet path or a DataFrame); NoLabelsError when it is empty
+    (a source without labels, e.g. a table without cohort.table.label_cols)."""
+    truth = ground_truth if isinstance(ground_truth, pl.DataFrame) else pl.read_parquet(ground_truth)
+    if truth.is_empty():
+        raise NoLabelsError(
+            "the cohort has no ground-truth labels (empty ground truth): zero-shot evaluation, the linear probe "
+            "and the figures need them. Give cohort.table.label_cols (or cohort.ctrate.labels_csv); the trained "
+            "model itself is in results/train/boost")
+    return truth
+
+
+@torch.no_grad()
+def predict(model_dir, cases, ground_truth, disease_catalog: str, device="auto", crop_size=None) -> pl.DataFrame:
+    """One row per (case in val/test, disease): score, or evaluable=False with the reason.
+    cases: qc/cases.parquet (the cases and their folders); crop_size: None = whole volumes, else
+    anatomy-centred crops (``embed_cases``)."""
+    truth = read_ground_truth(ground_truth)  # before anything is loaded: no labels, no evaluation
+    device = pick_device(device)
+    model = load_model(model_dir, device)
+    evaluated = pl.read_parquet(cases).filter(pl.col("split").is_in(["val", "test"]))
+    ids, splits = evaluated["case_id"].to_list(), evaluated["split"].to_list()
+    paths = paths_from(evaluated)
+    embs = embed_cases(model, [paths[c] for c in ids], device, crop_size)
+    emb = torch.from_numpy(np.stack([embs[c][0] for c in ids])).to(device)  # (cases, M, D)
+    complete = np.stack([embs[c][1] for c in ids])  # (cases, M)
+    rows = []
+    for d, scores in disease_scores(model, emb, disease_catalog):
+        j = catalog.anatomy_by_name(d.anatomy).index - 1
+        for case_id, split, score, ok in zip(ids, splits, scores, complete[:, j]):
+            rows.append({"case_id": case_id, "split": split, "disease_id": d.id, "disease": d.name,
+                         "anatomy": d.anatomy, "organ": d.organ, "type": d.type, "evaluable": bool(ok),
+                         "reason": None if ok else NOT_EVALUABLE_ANATOMY,
+                         "score": float(score) if ok else None})
+    pred = pl.DataFrame(rows, infer_schema_length=None)
+    labels = truth.select("case_id", "disease_id", pl.col("label").cast(pl.Int8))
+    pred = pred.join(labels, on=["case_id", "disease_id"], how="left")
+    missing = pred.filter(pl.col("label").is_null())
+    if len(missing):
+        raise ValueError(f"ground truth lacks {len(missing)} (case, disease) pairs, e.g. "
+                         f"{missing.row(0, named=True)['case_id']}/{missing.row(0, named=True)['disease_id']}")
+    return pred

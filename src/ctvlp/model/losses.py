@@ -1,0 +1,143 @@
+"""The contrastive losses, all per anatomy over the batch and behind one interface:
+``loss(a, b, rows, logit_scale)`` with ``a``, ``b`` (B, M, D) normalised embeddings and ``rows``
+(``AnatomyRows``: which (sample, anatomy) rows are valid, normal, and their text group).
+
+- ``AlignmentLoss``: Eq. 1, image vs text, symmetric, with fVLM's false-negative calibration.
+- ``DiseaseContrastLoss``: Eq. 2, a view vs the momentum encoder's second view; normal rows of an
+  anatomy are positives of each other.
+- ``InstanceContrastLoss``: the ablation's instance-level contrast (each row's only positive is
+  its own second view).
+
+The functions below the classes hold the arithmetic (tests check them against hand-computed
+values).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class AnatomyRows(NamedTuple):
+    """What the losses need to know about each (sample, anatomy) row besides its embeddings."""
+
+    valid: torch.Tensor  # (B, M) bool: the anatomy is complete in the crop and has a text
+    normal: torch.Tensor  # (B, M) bool: the report calls it normal
+    groups: torch.Tensor  # (B, M) long: rows with the same group id have the same text
+
+
+class AlignmentLoss(nn.Module):
+    """Eq. 1 (image ``a`` vs text ``b``) with fVLM's false-negative calibration when ``calibrate``."""
+
+    def __init__(self, calibrate: bool = True):
+        super().__init__()
+        self.calibrate = calibrate
+
+    def forward(self, a, b, rows: AnatomyRows, logit_scale) -> torch.Tensor:
+        positives = calibrated_targets(rows.valid, rows.normal, rows.groups, self.calibrate)
+        return alignment_loss(a, b, rows.valid, positives, logit_scale)
+
+
+class DiseaseContrastLoss(nn.Module):
+    """Eq. 2: view ``a`` (online encoder) vs view ``b`` (momentum encoder)."""
+
+    def forward(self, a, b, rows: AnatomyRows, logit_scale) -> torch.Tensor:
+        return disease_contrastive_loss(a, b, rows.valid, rows.normal, logit_scale)
+
+
+class InstanceContrastLoss(nn.Module):
+    """The ablation's instance-level visual contrast: every row's only positive is its second view."""
+
+    def forward(self, a, b, rows: AnatomyRows, logit_scale) -> torch.Tensor:
+        return instance_contrastive_loss(a, b, rows.valid, logit_scale)
+
+
+def calibrated_targets(valid: torch.Tensor, normal: torch.Tensor, text_ids: torch.Tensor,
+                       calibrate: bool = True) -> torch.Tensor:
+    """fVLM false-negative calibration. valid, normal (B, M) bool; text_ids (B, M) int (same id = same text).
+
+    Returns (M, B, B) positive-pair indicators: the pair itself, and with calibration also
+    normal-normal pairs and pairs with identical text, of the same anatomy, both valid.
+    """
+    b = valid.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=valid.device).unsqueeze(0)
+    v, nrm, tid = valid.T, normal.T, text_ids.T  # (M, B)
+    pos = eye.expand(v.shape[0], -1, -1).clone()
+    if calibrate:
+        pos |= nrm.unsqueeze(2) & nrm.unsqueeze(1)
+        pos |= tid.unsqueeze(2) == tid.unsqueeze(1)
+    return pos & v.unsqueeze(2) & v.unsqueeze(1)
+
+
+def alignment_loss(img: torch.Tensor, txt: torch.Tensor, valid: torch.Tensor, positives: torch.Tensor,
+                   logit_scale: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 per anatomy over the batch, symmetric (image->text and text->image).
+
+    img, txt (B, M, D) normalised; valid (B, M); positives (M, B, B) from calibrated_targets.
+    Targets spread evenly over each row's positives (soft CLIP targets). Anatomies with fewer than
+    two valid samples in the batch give no contrast and are skipped. Returns the mean over valid
+    (sample, anatomy) rows, as Eq. 1's 1/(B*M) sum.
+    """
+    v = valid.T  # (M, B)
+    use = v.sum(1) >= 2
+    if not bool(use.any()):
+        return img.sum() * 0.0
+    v, pos = v[use], positives[use].float()
+    logits = logit_scale.exp() * torch.einsum("bmd,cmd->mbc", img, txt)[use]  # (M', B, B)
+    pair_ok = v.unsqueeze(2) & v.unsqueeze(1)
+    logits = logits.masked_fill(~pair_ok, float("-inf"))
+
+    def directional(lg, tg):
+        logp = torch.log_softmax(lg, dim=-1).masked_fill(~pair_ok, 0.0)
+        tg = tg / tg.sum(-1, keepdim=True).clamp_min(1.0)
+        return -(tg * logp).sum(-1)[v].mean()
+
+    return 0.5 * (directional(logits, pos) + directional(logits.transpose(1, 2), pos.transpose(1, 2)))
+
+
+def _view_contrast(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, positives: torch.Tensor,
+                   logit_scale) -> torch.Tensor:
+    """Sum over each row's positives of -log softmax, per anatomy over the batch.
+
+    q, k (B, M, D); valid (B, M); positives (M, B, B), positives[j, i, p]: k_pj is a positive of q_ij.
+    Row i sees the keys of the valid samples of its anatomy. Anatomies with fewer than two valid
+    samples are skipped. Returns the sum over the rows of the other anatomies divided by their count.
+    """
+    scale = torch.as_tensor(logit_scale, dtype=q.dtype, device=q.device).exp()
+    v = valid.T  # (M, B)
+    use = v.sum(1) >= 2
+    if not bool(use.any()):
+        return q.sum() * 0.0
+    v, pos = v[use], positives[use] & v[use].unsqueeze(2) & v[use].unsqueeze(1)
+    logits = scale * torch.einsum("bmd,cmd->mbc", q, k)[use]  # (M', B, B)
+    logits = logits.masked_fill(~v.unsqueeze(1), float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1).masked_fill(~pos, 0.0)
+    return -logp.sum(-1)[v].sum() / v.sum()
+
+
+def disease_contrastive_loss(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, normal: torch.Tensor,
+                             logit_scale) -> torch.Tensor:
+    """Eq. 2: disease-level visual contrastive loss.
+
+    q (B, M, D) normalised online embeddings of view 1; k (B, M, D) normalised momentum-encoder
+    embeddings of view 2; valid, normal (B, M) bool; logit_scale = log(1 / tau), a tensor or float
+    (the same convention as alignment_loss: pass model.logit_scale or log(1/0.07)).
+    Per anatomy j over the batch: an abnormal row's only positive is its own second view; a normal
+    row's positives are the second views of every valid normal sample of that anatomy (itself
+    included), and, exactly as Eq. 2, its loss is the SUM of -log p over those positives. The total
+    is divided by the number of valid rows in anatomies with at least two valid samples (Eq. 2's
+    1/(B*M) over the rows that exist); the other anatomies give no contrast and are skipped.
+    """
+    b = valid.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=valid.device).unsqueeze(0)
+    nrm = normal.T.bool()  # (M, B)
+    positives = eye | (nrm.unsqueeze(2) & nrm.unsqueeze(1))
+    return _view_contrast(q, k, valid.bool(), positives, logit_scale)
+
+
+def instance_contrastive_loss(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, logit_scale) -> torch.Tensor:
+    """Ablation baseline, instance-level visual CL (MoCo-style, no queue): every row's only positive
+    is its own second view. Equals disease_contrastive_loss with no normal samples."""
+    return disease_contrastive_loss(q, k, valid, torch.zeros_like(valid, dtype=torch.bool), logit_scale)

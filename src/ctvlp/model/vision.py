@@ -1,0 +1,106 @@
+"""The vision side: a 3D ResNet18 (MONAI) trunk whose feature cells are the anatomy tokens,
+one learnable query per anatomy pooling its tokens, and a projection per anatomy."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import ResNet
+from torch import nn
+
+from .. import catalog
+
+N_ANATOMIES = len(catalog.anatomies())
+
+
+class VisionEncoder(nn.Module):
+    """3D ResNet18 (MONAI) trunk returning the feature map that anatomy tokens come from.
+
+    token_stage 4: the last stage's map (stride 8 * stem_stride), as in the paper.
+    token_stage 3: the third stage's map (stride 4 * stem_stride) concatenated with the last
+    stage's map upsampled onto it: twice the token resolution for small organs and lesions.
+    """
+
+    def __init__(self, widths=(64, 128, 256, 512), stem_stride: int = 2, token_stage: int = 4):
+        super().__init__()
+        self.net = ResNet(block="basic", layers=[2, 2, 2, 2], block_inplanes=list(widths), spatial_dims=3,
+                          n_input_channels=1, conv1_t_size=7, conv1_t_stride=stem_stride,
+                          no_max_pool=True, feed_forward=False)
+        self.token_stage = token_stage
+        self.out_channels = widths[-1] if token_stage == 4 else widths[2] + widths[3]
+        self.stride = (8 if token_stage == 4 else 4) * stem_stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n.act(n.bn1(n.conv1(x)))
+        f3 = n.layer3(n.layer2(n.layer1(x)))
+        f4 = n.layer4(f3)
+        if self.token_stage == 4:
+            return f4
+        return torch.cat([f3, F.interpolate(f4, size=f3.shape[2:], mode="nearest")], dim=1)
+
+
+class QueryPool(nn.Module):
+    """One learnable query per anatomy attends over that anatomy's tokens (cross-attention)."""
+
+    def __init__(self, n_queries: int, dim: int, heads: int, init_mean: bool = False):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(n_queries, dim) * dim**-0.5)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.heads = heads
+        if init_mean:
+            # Start as the encoder's own mean pooling: zero queries attend uniformly, and identity
+            # value/output maps pass the mean token through, keeping a pretrained text geometry.
+            with torch.no_grad():
+                self.queries.zero_()
+                self.attn.in_proj_weight[2 * dim:].copy_(torch.eye(dim))
+                self.attn.in_proj_bias.zero_()
+                self.attn.out_proj.weight.copy_(torch.eye(dim))
+                self.attn.out_proj.bias.zero_()
+
+    def forward(self, tokens: torch.Tensor, allowed: torch.Tensor, query_idx: torch.Tensor | None = None):
+        """tokens (B, N, C); allowed (B, Q, N) bool, which tokens each query may see.
+
+        query_idx (B, Q) picks the anatomy query per row (default: all anatomies in order).
+        Rows whose `allowed` is all False are returned as zeros (caller masks them out).
+        """
+        b = allowed.shape[0]
+        if query_idx is None:
+            query = self.queries.unsqueeze(0).expand(b, -1, -1)
+        else:
+            query = self.queries[query_idx]
+        empty = ~allowed.any(-1)
+        blocked = ~(allowed | empty.unsqueeze(-1))  # empty rows see everything, then get zeroed
+        mask = blocked.repeat_interleave(self.heads, dim=0)
+        out, _ = self.attn(query, tokens, tokens, attn_mask=mask, need_weights=False)
+        return self.norm(out + query).masked_fill(empty.unsqueeze(-1), 0.0)
+
+
+class AnatomyProjection(nn.Module):
+    """A separate linear projection per anatomy."""
+
+    def __init__(self, n: int, dim_in: int, dim_out: int, shared_orthogonal: bool = False):
+        super().__init__()
+        if shared_orthogonal:  # one orthogonal map for all anatomies: preserves the input geometry
+            w = nn.init.orthogonal_(torch.empty(dim_in, dim_out)).expand(n, -1, -1).clone()
+        else:
+            w = torch.randn(n, dim_in, dim_out) * dim_in**-0.5
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(torch.zeros(n, dim_out))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x (..., dim_in), idx (...) anatomy index 0..M-1 of each row."""
+        return torch.einsum("...i,...io->...o", x, self.weight[idx]) + self.bias[idx]
+
+
+def heads_for(dim: int, heads: int) -> int:
+    while dim % heads:
+        heads -= 1
+    return heads
+
+
+def pad_to_multiple(arr: np.ndarray, multiple: int, value=0) -> np.ndarray:
+    pads = [(0, (-s) % multiple) for s in arr.shape]
+    return np.pad(arr, pads, constant_values=value) if any(p for _, p in pads) else arr

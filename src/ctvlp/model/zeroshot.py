@@ -1,0 +1,42 @@
+"""Zero-shot diagnosis with a trained model: prompt ensembles embedded per anatomy, and each
+anatomy embedding scored against a disease's positive and negative prompts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .. import catalog
+
+if TYPE_CHECKING:
+    from .network import CTVLP
+
+
+def zero_shot_scores(img: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, logit_scale) -> torch.Tensor:
+    """img (N, D) anatomy embeddings; pos, neg (D,) prompt embeddings -> P(positive) per row."""
+    logits = logit_scale.exp() * torch.stack([img @ neg, img @ pos], dim=-1)
+    return torch.softmax(logits, dim=-1)[:, 1]
+
+
+def prompt_embedding(model: CTVLP, prompts, anatomy_index: int) -> torch.Tensor:
+    """Ensemble: mean of the normalised prompt embeddings, renormalised."""
+    idx = torch.full((len(prompts),), anatomy_index, dtype=torch.long)
+    return F.normalize(model.encode_texts(list(prompts), idx).mean(0), dim=-1)
+
+
+@torch.no_grad()
+def disease_scores(model, emb: torch.Tensor, disease_catalog: str):
+    """Yield (disease, P(positive) per row) for every zero-shot disease; emb (N, M, D)."""
+    for d in catalog.diseases(disease_catalog):
+        if not d.zero_shot:
+            continue
+        j = catalog.anatomy_by_name(d.anatomy).index - 1
+        if model.vis_global is not None:
+            pos = F.normalize(model.encode_report_global(list(d.positive_prompts)).mean(0), dim=-1)
+            neg = F.normalize(model.encode_report_global(list(d.negative_prompts)).mean(0), dim=-1)
+        else:
+            pos = prompt_embedding(model, d.positive_prompts, j)
+            neg = prompt_embedding(model, d.negative_prompts, j)
+        yield d, zero_shot_scores(emb[:, j], pos, neg, model.logit_scale).float().cpu().numpy()

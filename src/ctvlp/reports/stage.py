@@ -1,0 +1,38 @@
+"""The reports stage: parse every report of the manifest with the configured backend
+(``reports.backend``) into one ``schema.REPORT_SCHEMA`` table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+from . import rules
+from .schema import REPORT_SCHEMA
+
+
+def write_reports(manifest_path, out_path, settings: dict) -> pl.DataFrame:
+    """Parse the reports of the manifest at ``manifest_path`` with the backend of ``settings``
+    (the reports config section) and write ``out_path`` (Parquet, ``REPORT_SCHEMA``).
+
+    The llm backend's answer cache defaults to ``llm_cache/`` beside ``out_path``, so a re-run
+    sends nothing for reports already answered.
+    """
+    manifest = pl.read_parquet(manifest_path)
+    if settings["backend"] == "rules":
+        table = rules.parse_reports(manifest, settings["catalog"], progress=True)
+    else:
+        from .llm import parse_reports
+
+        llm = {**settings["llm"], "catalog": settings["catalog"]}
+        if not llm["model"]:
+            raise SystemExit("reports.backend llm needs reports.llm.model (the served model name)")
+        llm["cache_dir"] = llm["cache_dir"] or str(Path(out_path).parent / "llm_cache")
+        table = parse_reports(manifest, llm, progress=True)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")  # beside it, then renamed: never a half-written table
+    table.select(list(REPORT_SCHEMA)).write_parquet(tmp)
+    os.replace(tmp, out)
+    return table

@@ -1,0 +1,168 @@
+import math
+
+import pytest
+import torch
+
+from ctvlp import catalog
+from ctvlp.model.config import ModelConfig
+from ctvlp.model.losses import alignment_loss, calibrated_targets
+from ctvlp.model.network import CTVLP
+from ctvlp.model.vision import N_ANATOMIES, QueryPool
+from ctvlp.model.zeroshot import zero_shot_scores
+from ctvlp.training.loop import warmup_cosine
+
+E = math.e
+
+
+def _pairs(normal, texts, valid=None):
+    normal = torch.tensor(normal).reshape(-1, 1)
+    valid = torch.ones_like(normal) if valid is None else torch.tensor(valid).reshape(-1, 1)
+    tid = torch.tensor(texts).reshape(-1, 1)
+    return valid, normal, tid
+
+
+def test_eq1_hand_computed_without_calibration():
+    # two samples, one anatomy, orthogonal unit embeddings, temperature 1: logits [[1, 0], [0, 1]]
+    img = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    valid, normal, tid = _pairs([False, False], [0, 1])
+    pos = calibrated_targets(valid, normal, tid, calibrate=True)
+    loss = alignment_loss(img, img.clone(), valid, pos, torch.tensor(0.0))
+    assert loss.item() == pytest.approx(math.log(1 + 1 / E), abs=1e-6)  # -log(e / (e + 1))
+
+
+def test_eq1_false_negative_calibration_makes_normal_pairs_positive():
+    img = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    valid, normal, tid = _pairs([True, True], [0, 1])
+    calibrated = alignment_loss(img, img, valid, calibrated_targets(valid, normal, tid, True), torch.tensor(0.0))
+    # targets are [0.5, 0.5] per row: 0.5 * (-log(e/(e+1))) + 0.5 * (-log(1/(e+1)))
+    expected = 0.5 * (math.log(1 + 1 / E) + math.log(1 + E))
+    assert calibrated.item() == pytest.approx(expected, abs=1e-6)
+    plain = alignment_loss(img, img, valid, calibrated_targets(valid, normal, tid, False), torch.tensor(0.0))
+    assert plain.item() == pytest.approx(math.log(1 + 1 / E), abs=1e-6)
+
+
+def test_identical_texts_are_positives_even_if_abnormal():
+    valid, normal, tid = _pairs([False, False, False], [7, 7, 3])
+    pos = calibrated_targets(valid, normal, tid, True)[0]
+    assert pos.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+
+
+def test_invalid_samples_leave_the_loss_unchanged():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(3, 1, 4), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(3, 1, 4), dim=-1)
+    valid, normal, tid = _pairs([False, True, True], [0, 1, 2], valid=[True, True, False])
+    full = alignment_loss(img, txt, valid, calibrated_targets(valid, normal, tid), torch.tensor(1.0))
+    v2, n2, t2 = _pairs([False, True], [0, 1])
+    two = alignment_loss(img[:2], txt[:2], v2, calibrated_targets(v2, n2, t2), torch.tensor(1.0))
+    assert full.item() == pytest.approx(two.item(), abs=1e-6)
+
+
+def test_matches_clip_cross_entropy_when_uncalibrated():
+    torch.manual_seed(1)
+    b, d = 5, 8
+    img = torch.nn.functional.normalize(torch.randn(b, 1, d), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(b, 1, d), dim=-1)
+    valid, normal, tid = _pairs([False] * b, list(range(b)))
+    scale = torch.tensor(math.log(10.0))
+    ours = alignment_loss(img, txt, valid, calibrated_targets(valid, normal, tid, False), scale)
+    logits = 10.0 * img[:, 0] @ txt[:, 0].T
+    ref = 0.5 * (torch.nn.functional.cross_entropy(logits, torch.arange(b))
+                 + torch.nn.functional.cross_entropy(logits.T, torch.arange(b)))
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_anatomy_with_one_valid_sample_gives_no_contrast():
+    img = torch.nn.functional.normalize(torch.randn(2, 1, 4), dim=-1)
+    valid, normal, tid = _pairs([True, False], [0, 1], valid=[True, False])
+    loss = alignment_loss(img, img, valid, calibrated_targets(valid, normal, tid), torch.tensor(0.0))
+    assert loss.item() == 0.0
+
+
+def test_query_pool_ignores_tokens_outside_the_anatomy():
+    torch.manual_seed(0)
+    pool = QueryPool(2, 8, 2).eval()
+    tokens = torch.randn(1, 6, 8)
+    allowed = torch.tensor([[[True, True, False, False, False, False], [False] * 6]])
+    out = pool(tokens, allowed)
+    changed = tokens.clone()
+    changed[:, 2:] = torch.randn(1, 4, 8) * 10
+    assert torch.allclose(pool(changed, allowed)[0, 0], out[0, 0], atol=1e-6)
+    assert torch.all(out[0, 1] == 0)  # absent anatomy -> zeros (masked out by the caller)
+    moved = tokens.clone()
+    moved[:, :2] += 1.0
+    assert not torch.allclose(pool(moved, allowed)[0, 0], out[0, 0])
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), stem_stride=2, embed_dim=16, heads=2, vq_codes=0)).eval()
+
+
+def test_token_masks_follow_the_anatomy(small_model):
+    anat = torch.zeros(1, 32, 32, 32, dtype=torch.uint8)
+    liver = catalog.anatomy_by_name("liver").index
+    anat[0, 1:4, 2:5, 20:30] = liver  # feature stride 16: only cell (0, 0, 1)
+    masks = small_model.token_masks(anat, (2, 2, 2))
+    assert masks.shape == (1, N_ANATOMIES, 8)
+    assert masks[0, liver - 1].nonzero().flatten().tolist() == [1]
+    assert masks.sum() == 1
+
+
+def test_token_masks_equal_max_pooling_of_one_hot():
+    torch.manual_seed(3)
+    anat = torch.randint(0, N_ANATOMIES + 1, (2, 32, 16, 48), dtype=torch.uint8)
+    anat[:, :, :, :20] = 0
+    onehot = torch.nn.functional.one_hot(anat.long(), N_ANATOMIES + 1)[..., 1:].permute(0, 4, 1, 2, 3).float()
+    ref = torch.nn.functional.adaptive_max_pool3d(onehot, (2, 1, 3)).reshape(2, N_ANATOMIES, -1) > 0
+    assert torch.equal(CTVLP.token_masks(anat, (2, 1, 3)), ref)
+
+
+def test_embeddings_are_normalised_and_text_path_works(small_model):
+    img = torch.rand(2, 1, 32, 32, 32)
+    anat = torch.randint(0, N_ANATOMIES + 1, (2, 32, 32, 32), dtype=torch.uint8)
+    emb, _ = small_model.encode_image(img, anat)
+    assert emb.shape == (2, N_ANATOMIES, 16)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2, N_ANATOMIES), atol=1e-5)
+    txt = small_model.encode_texts(["The liver is unremarkable.", "Hepatic cyst."], torch.tensor([10, 10]))
+    assert torch.allclose(txt.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(txt[0], txt[1])
+    p = zero_shot_scores(emb[:, 10], txt[1], txt[0], small_model.logit_scale)
+    assert p.shape == (2,) and torch.all((p > 0) & (p < 1))
+
+
+def test_frozen_text_encoder_gets_no_gradient(small_model):
+    assert not any(p.requires_grad for p in small_model.text_encoder.parameters())
+    assert all(p.requires_grad for p in small_model.vision.parameters())
+
+
+def test_warmup_then_cosine_to_min_lr():
+    lr, min_lr, total, warm = 1e-4, 1e-6, 100, 10
+    f = [warmup_cosine(s, total, warm, lr, min_lr) * lr for s in range(total + 1)]
+    assert f[0] == pytest.approx(lr / warm)
+    assert f[warm - 1] == pytest.approx(lr)
+    assert f[total] == pytest.approx(min_lr)
+    assert all(a >= b for a, b in zip(f[warm:], f[warm + 1:]))
+
+
+def test_locked_text_head_trains_only_the_vision_side():
+    torch.manual_seed(0)
+    m = CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), embed_dim=16, heads=2, train_text_head=False, token_stage=3, vq_codes=0))
+    trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"vision", "vis_pool", "vis_proj", "logit_scale"}
+    img, anat = torch.rand(2, 1, 32, 32, 32), torch.randint(0, N_ANATOMIES + 1, (2, 32, 32, 32), dtype=torch.uint8)
+    emb, _ = m.encode_image(img, anat)
+    txt = m.encode_texts(["The liver is unremarkable.", "Hepatic cyst."], torch.tensor([10, 10]))
+    (emb[:, 10] * txt).sum().backward()
+    assert all(p.grad is None for p in m.txt_pool.parameters()) and m.txt_proj.weight.grad is None
+    assert m.vision.net.conv1.weight.grad is not None
+
+
+def test_stage3_tokens_double_the_grid():
+    m4 = CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), embed_dim=16, heads=2, token_stage=4, vq_codes=0))
+    m3 = CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), embed_dim=16, heads=2, token_stage=3, vq_codes=0))
+    x = torch.rand(1, 1, 32, 32, 48)
+    f4, f3 = m4.vision(x), m3.vision(x)
+    assert f4.shape[2:] == (2, 2, 3) and f3.shape[2:] == (4, 4, 6)
+    assert f3.shape[1] == 8 + 16 and m3.vision.stride == 8 and m4.vision.stride == 16

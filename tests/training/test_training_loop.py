@@ -1,0 +1,316 @@
+"""The phase runner: exact resume (in process and after SIGKILL), non-finite losses, settings
+mismatches, and DDP gradients with gathered negatives equal to one process on the global batch."""
+
+import copy
+import csv
+import datetime
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ctvlp import config
+from ctvlp.model.config import ModelConfig
+from ctvlp.model.io import model_state
+from ctvlp.model.losses import AlignmentLoss
+from ctvlp.model.network import CTVLP
+from ctvlp.model.vision import N_ANATOMIES
+from ctvlp.training.checkpoint import CHECKPOINT, checkpoint_state
+from ctvlp.training.data import TextBank
+from ctvlp.training.distributed import wrap_step
+from ctvlp.training.loop import (
+    RUNNING_METRICS,
+    LoopSettings,
+    PhaseTask,
+    autocast_dtype,
+    run_phase,
+    warmup_cosine,
+)
+from ctvlp.training.phases import batch_loss, run
+
+CPU = torch.device("cpu")
+TOY = {"epochs": 3, "batch_size": 4, "lr": 0.05, "min_lr": 1e-3, "warmup_epochs": 1, "weight_decay": 0.01,
+       "grad_clip": 1.0, "checkpoint_every": 1}
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Toy(torch.utils.data.Dataset):
+    """13 samples: with batch 4 and drop_last, 3 steps per epoch; the data shift with the epoch."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(13, 3, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(13, generator=g)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i] + 0.1 * self.epoch, "y": self.y[i]}
+
+
+class ToyTask(PhaseTask):
+    """A small MLP with BatchNorm; the step draws noise from the global RNG, and a momentum copy
+    (checkpointed as an extra module) follows the model after each step."""
+
+    name, metrics = "toy", ("noise",)
+
+    def __init__(self, dataset, stop_at=None, nan_at=None):
+        torch.manual_seed(0)
+        super().__init__(torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                             torch.nn.Linear(8, 1)))
+        self.momentum = copy.deepcopy(self.model).requires_grad_(False)
+        self.extra_modules = {"momentum": self.momentum}
+        self.dataset, self.calls, self.stop_at, self.nan_at, self.saved = dataset, itertools.count(), stop_at, nan_at, {}
+
+    @torch.no_grad()
+    def after_step(self, step, total):
+        for p_m, p in zip(self.momentum.parameters(), self.model.parameters()):
+            p_m.mul_(0.9).add_(p, alpha=0.1)
+
+    def step(self, batch):
+        k = next(self.calls)
+        if k == self.stop_at:
+            raise Interrupted
+        noise = 0.1 * torch.randn_like(batch["x"])
+        loss = F.mse_loss(self.model(batch["x"] + noise).squeeze(-1), batch["y"])
+        return loss * float("nan") if k == self.nan_at else loss, len(batch["x"]), {"noise": noise.abs().mean()}
+
+    def validate(self):
+        return F.mse_loss(self.model(self.dataset.x).squeeze(-1), self.dataset.y)
+
+    def save(self, summary):
+        self.saved.update(**model_state(self.model),
+                          **{f"momentum.{k}": v for k, v in model_state(self.momentum).items()})
+
+
+def toy_run(out, cfg=TOY, stop_at=None, nan_at=None):
+    """run_phase on ``ToyTask``; -> (the saved weights, the summary)."""
+    task = ToyTask(Toy(), stop_at, nan_at)
+    summary = run_phase(task, task.dataset, LoopSettings.from_dict(cfg), out, seed=3, device=CPU,
+                        fingerprint={"toy": 1})
+    return task.saved, summary
+
+
+def rows(path, drop=("samples_per_s",)):
+    with open(path, newline="") as fh:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(fh)]
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+
+
+def test_interrupted_phase_resumes_exactly(tmp_path):
+    ref, ref_summary = toy_run(tmp_path / "ref")
+    assert ref_summary["resumed_from_step"] is None and ref_summary["steps"] == 9
+    assert not (tmp_path / "ref" / CHECKPOINT).exists()  # removed once the final weights are written
+    every2 = {**TOY, "checkpoint_every": 2}
+    with pytest.raises(Interrupted):  # checkpoints after steps 2, 3 (epoch end), 4; step 5 is logged, then stop
+        toy_run(tmp_path / "b", cfg=every2, stop_at=5)
+    state = checkpoint_state(tmp_path / "b" / CHECKPOINT)
+    assert (state["step"], state["epoch"], state["pos"]) == (4, 1, 1)  # mid-epoch
+    got, summary = toy_run(tmp_path / "b", cfg=every2)
+    assert summary["resumed_from_step"] == 4
+    assert_same_state(ref, got)
+    assert [h["loss"] for h in summary["history"]] == [h["loss"] for h in ref_summary["history"]]
+    assert rows(tmp_path / "b" / "metrics.csv") == rows(tmp_path / "ref" / "metrics.csv")
+    train_rows = [r for r in rows(tmp_path / "ref" / "metrics.csv") if r["split"] == "train"]
+    assert [float(r["lr"]) for r in train_rows] == pytest.approx(
+        [TOY["lr"] * warmup_cosine(s, 9, 3, TOY["lr"], TOY["min_lr"]) for s in range(9)], rel=1e-3)
+    assert all(float(r["noise"]) > 0 for r in train_rows)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    ref, _ = toy_run(tmp_path / "ref")
+    with pytest.raises(FloatingPointError, match="non-finite loss.*step 4.*is kept"):
+        toy_run(tmp_path / "b", nan_at=4)
+    ckpt = tmp_path / "b" / CHECKPOINT
+    assert checkpoint_state(ckpt)["step"] == 4
+    assert all(torch.isfinite(v).all() for v in load_file(ckpt).values() if v.is_floating_point())
+    got, summary = toy_run(tmp_path / "b")  # the checkpoint is good: resuming gives the uninterrupted result
+    assert summary["resumed_from_step"] == 4
+    assert_same_state(ref, got)
+
+
+def test_other_settings_refuse_the_checkpoint_unless_resume_is_off(tmp_path):
+    with pytest.raises(Interrupted):
+        toy_run(tmp_path, stop_at=3)
+    other = {**TOY, "lr": 0.01}
+    with pytest.raises(RuntimeError, match=f"{tmp_path}.*train.lr"):
+        toy_run(tmp_path, cfg=other)
+    assert checkpoint_state(tmp_path / CHECKPOINT)["step"] == 3
+    ref, _ = toy_run(tmp_path / "ref", cfg=other)
+    got, summary = toy_run(tmp_path, cfg={**other, "resume": False})
+    assert summary["resumed_from_step"] is None
+    assert_same_state(ref, got)
+    # runtime-only settings (threads, checkpoint frequency, ...) do not block a resume
+    with pytest.raises(Interrupted):
+        toy_run(tmp_path / "c", stop_at=3)
+    _, summary = toy_run(tmp_path / "c", cfg={**TOY, "checkpoint_every": 5, "threads": 7})
+    assert summary["resumed_from_step"] == 3
+
+
+def test_precision_is_bf16_only_on_cuda():
+    assert autocast_dtype("auto", CPU) is None and autocast_dtype("bf16", CPU) is None
+    assert autocast_dtype("bf16", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("fp32", torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype("fp16", CPU)
+
+
+# ---- the real phase 2 in a subprocess, killed with SIGKILL -----------------------------------
+
+SCRIPT = "import json, sys; from ctvlp.training.phases import run; a = json.loads(sys.argv[1]); " \
+         "run('align', a['cases'], a['reports'], a['out'], a['model'], a['train'], 1)"
+
+
+def test_sigkilled_training_resumes_to_identical_weights(tiny_cohort, tmp_path, caplog):
+    cfg_model = {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32, "token_stage": 3}
+    cfg_train = config.validate({"train": {"epochs": 2, "batch_size": 2, "crop_size": [32, 32, 48], "lr": 1e-3,
+                                           "threads": 1, "device": "cpu"}})["train"]
+    cfg_train["checkpoint_every"] = 1
+    args = {"cases": str(tiny_cohort["cases"]), "reports": str(tiny_cohort["reports"]), "model": cfg_model, "train": cfg_train,
+            "out": str(tmp_path / "run")}
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(args)], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = tmp_path / "run" / CHECKPOINT
+
+    def kill_at_first_checkpoint():
+        deadline = time.time() + 300
+        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_at_first_checkpoint, daemon=True)
+    killer.start()
+    paths = [tiny_cohort["cases"], tiny_cohort["reports"]]
+    run("align", *paths, tmp_path / "ref", cfg_model, cfg_train, 1)  # the uninterrupted reference, meanwhile
+    killer.join()
+    out = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    # the rows so far live outside the declared output metrics.csv, which Snakemake deletes before a rerun
+    assert (tmp_path / "run" / RUNNING_METRICS).stat().st_size > 0 and not (tmp_path / "run" / "metrics.csv").exists()
+    assert 1 <= checkpoint_state(ckpt)["step"] < 6  # 6 training cases / batch 2 * 2 epochs
+    with caplog.at_level(logging.INFO, logger="ctvlp.training"):
+        summary = run("align", *paths, tmp_path / "run", cfg_model, cfg_train, 1)
+    assert "resuming from" in caplog.text and not ckpt.exists() and not (tmp_path / "run" / RUNNING_METRICS).exists()
+    ref, got = (load_file(tmp_path / d / "model.safetensors") for d in ("ref", "run"))
+    assert_same_state(ref, got)
+    assert rows(tmp_path / "run" / "metrics.csv") == rows(tmp_path / "ref" / "metrics.csv")
+    assert len([r for r in rows(tmp_path / "run" / "metrics.csv") if r["split"] == "val"]) == 2
+    info = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
+    assert info["resumed_from_step"] == summary["resumed_from_step"] >= 1
+    assert info["trainable"]["align"] and not any(n.startswith("text_encoder.") for n in info["trainable"]["align"])
+    assert "trainable tensors" in caplog.text
+
+
+# ---- DDP: 2 gloo processes against one process on the global batch ---------------------------
+
+TEXTS = ["The liver is unremarkable.", "Hepatic cyst.", "Renal stone.", "The spleen is enlarged."]
+
+
+def _ddp_case(empty_half: bool):
+    """A tiny model (eval: BatchNorm uses running statistics, identical however the batch is split)
+    and a fixed global batch of 4 whose text ids repeat across the halves. empty_half: the second
+    half has no valid anatomy (that process never runs the text path)."""
+    torch.manual_seed(0)
+    model = CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), embed_dim=16, heads=2, text_max_length=32,
+                                            vq_codes=0)).eval()
+    g = torch.Generator().manual_seed(1)
+    valid = torch.rand(4, N_ANATOMIES, generator=g) < 0.7
+    valid[2:] &= not empty_half
+    tidx = torch.randint(0, len(TEXTS), (4, N_ANATOMIES), generator=g).masked_fill(~valid, -1)
+    batch = {"image": torch.rand(4, 1, 32, 32, 32, generator=g),
+             "anatomy": torch.randint(0, N_ANATOMIES + 1, (4, 32, 32, 32), generator=g, dtype=torch.uint8),
+             "valid": valid, "normal": torch.rand(4, N_ANATOMIES, generator=g) < 0.5, "text_idx": tidx}
+    return model, TextBank(model, TEXTS, CPU), batch
+
+
+def _loss_and_grads(model, bank, batch):
+    step = wrap_step(model, lambda b: (*batch_loss(model, bank, b, CPU, AlignmentLoss(True), gather=True), {}), CPU)
+    loss, pairs, _ = step(batch)
+    loss.backward()
+    return {"loss": loss.detach().reshape(1), "pairs": torch.tensor([pairs]),
+            **{f"grad.{n}": p.grad for n, p in model.named_parameters() if p.grad is not None}}
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        for empty_half in (False, True):
+            model, bank, batch = _ddp_case(empty_half)
+            half = len(batch["image"]) // world
+            local = {k: v[rank * half:(rank + 1) * half] for k, v in batch.items()}
+            save_file(_loss_and_grads(model, bank, local), str(out / f"{empty_half}.rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_gathered_negatives_matches_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    torch.set_num_threads(1)
+    for empty_half in (False, True):
+        single = _loss_and_grads(*_ddp_case(empty_half))
+        assert single["pairs"].item() > 8 and any(k.startswith("grad.txt_pool") for k in single)
+        for rank in range(2):
+            got = load_file(tmp_path / f"{empty_half}.rank{rank}.safetensors")
+            assert got.keys() == single.keys()
+            assert got["pairs"].item() == single["pairs"].item()  # the loss saw the global batch
+            assert torch.allclose(got["loss"], single["loss"], atol=1e-6)
+            for k, v in single.items():
+                assert torch.allclose(got[k], v, rtol=1e-4, atol=1e-7), (empty_half, rank, k)
+
+
+def test_best_val_selection_keeps_the_lowest_validation_epoch(tmp_path):
+    """select best_val: the final weights are those after the epoch with the lowest validation
+    loss; with last, those after the last epoch."""
+    torch.manual_seed(0)
+    after_epoch, val_losses, saved = {}, iter([3.0, 1.0, 2.0]), {}
+
+    class Scripted(PhaseTask):
+        name = "toy"
+
+        def step(self, batch):
+            return F.mse_loss(self.model(batch["x"]).squeeze(-1), batch["y"]), len(batch["x"]), {}
+
+        def validate(self):  # scripted losses; remember the weights each epoch ends with
+            after_epoch[len(after_epoch)] = {k: v.clone() for k, v in self.model.state_dict().items()}
+            return next(val_losses)
+
+        def save(self, summary):
+            saved.update(model_state(self.model))
+
+    summary = run_phase(Scripted(torch.nn.Linear(3, 1)), Toy(), LoopSettings.from_dict({**TOY, "select": "best_val"}),
+                        tmp_path, seed=0, device=CPU)
+    assert summary["selected_epoch"] == 1
+    assert_same_state(saved, after_epoch[1])
+    assert not (tmp_path / "best.safetensors").exists() and not (tmp_path / CHECKPOINT).exists()
+    assert not all(torch.equal(saved[k], after_epoch[2][k]) for k in saved)  # not the last epoch's

@@ -1,0 +1,98 @@
+"""The four ViSD-Boost phases and the CLIP baseline run in a chain on a tiny cohort: each phase
+starts from the previous one's weights, trains exactly its parameter groups and leaves the
+others as they were, and its loss falls."""
+
+import json
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctvlp import config
+from ctvlp.training.phases import augment_view, run
+from ctvlp.training.trainable import PHASE_TRAINABLE
+
+MODEL = {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32, "token_stage": 3,
+         "vq_codes": 4, "vq_dim": 16, "vq_depth": 1, "vq_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_cohort, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    s = config.validate({"model": MODEL, "train": {
+        "epochs": 6, "batch_size": 6, "crop_size": [32, 32, 48], "flip": False, "lr": 3e-3, "threads": 2, "device": "cpu",
+        "warmup_epochs": 0, "visual_cl": {"epochs": 8, "momentum": 0.5}, "normality": {"epochs": 6, "lr": 3e-3}, "boost": {"epochs": 4}}})
+    # the CLIP baseline reads whole reports: the cohort's per-anatomy texts joined
+    rep = pl.read_parquet(tiny_cohort["reports"]).group_by("case_id").agg(pl.col("text").str.join(" ").alias("report_text"))
+    pl.read_parquet(tiny_cohort["cases"]).join(rep, on="case_id").write_parquet(root / "cases.parquet")
+    paths = [root / "cases.parquet", tiny_cohort["reports"]]
+    out = {}
+    for phase, init in (("visual_cl", None), ("align", "visual_cl"), ("normality", "align"), ("boost", "normality"),
+                        ("global", None)):
+        out[phase] = root / phase
+        # the CLIP baseline contrasts only 3 whole reports per batch: noisier, so give it more steps
+        cfg_train = {**s["train"], "epochs": 16} if phase == "global" else s["train"]
+        run(phase, *paths, out[phase], s["model"], cfg_train, 0, init=out.get(init))
+    return out
+
+
+def _weights(folder, prefix):
+    return {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if k.startswith(prefix)}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_phase_trains_exactly_its_groups(chain):
+    for phase, folder in chain.items():
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        groups = {name.split(".")[0] for name in cfg["trainable"][phase]}
+        assert groups == set(PHASE_TRAINABLE[phase]) - {"text_encoder"}, phase  # train_text_encoder is off
+    # phase 3 freezes the vision side: identical to phase 2's; its VQ-VAE is new
+    assert _same(_weights(chain["align"], "vision."), _weights(chain["normality"], "vision."))
+    # phase 4 freezes the VQ-VAE (weights and EMA codebook) and trains vision + perception
+    assert _same(_weights(chain["normality"], "vqvae."), _weights(chain["boost"], "vqvae."))
+    assert not _same(_weights(chain["normality"], "vision."), _weights(chain["boost"], "vision."))
+    assert not _same(_weights(chain["visual_cl"], "vision."), _weights(chain["align"], "vision."))
+    # phases 1-2 hold no VQ-VAE
+    assert not _weights(chain["align"], "vqvae.") and not _weights(chain["visual_cl"], "vqvae.")
+
+
+def test_losses_fall(chain):
+    # every step sees the same batch (all 6 training cases, whole volumes, no flips), so the trend
+    # is the optimisation's, not the batch composition's
+    for phase, folder in chain.items():
+        m = pl.read_csv(folder / "metrics.csv").filter(pl.col("split") == "train")
+        per_epoch = m.group_by("epoch", maintain_order=True).agg(pl.col("loss").mean())["loss"].to_list()
+        k = max(1, len(per_epoch) // 4)  # first vs last quarter of the epochs
+        assert sum(per_epoch[-k:]) / k < sum(per_epoch[:k]) / k, (phase, per_epoch)
+
+
+def test_normality_reports_codebook_and_recon_error(chain):
+    cfg = json.loads((chain["normality"] / "config.json").read_text(encoding="utf-8"))["normality"]
+    assert cfg["n_normal"] > 0 and cfg["n_abnormal"] > 0
+    assert cfg["recon_normal"] > 0 and cfg["recon_abnormal"] > 0
+    assert 1.0 <= cfg["mean_perplexity"] <= MODEL["vq_codes"] and 0 <= cfg["mean_dead_codes"] < MODEL["vq_codes"]
+    m = pl.read_csv(chain["normality"] / "metrics.csv")
+    assert {"recon", "commit", "perplexity", "dead_codes"} <= set(m.columns)
+
+
+def test_boosted_model_reloads_with_boost_on(chain):
+    from ctvlp.model.io import load_model
+
+    model = load_model(chain["boost"])
+    assert model.boost and model.vqvae is not None
+    assert not load_model(chain["align"]).boost
+
+
+def test_second_view_changes_intensities_not_geometry():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 8, 8, 8)
+    v = augment_view(x)
+    assert v.shape == x.shape and 0 <= v.min() and v.max() <= 1
+    assert not torch.allclose(v, x)
+    # a monotone intensity change: the voxel order within a sample is nearly kept
+    r = torch.corrcoef(torch.stack([x[0].flatten(), v[0].flatten()]))[0, 1]
+    assert r > 0.9

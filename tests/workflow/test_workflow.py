@@ -1,0 +1,142 @@
+"""Runs the whole Snakefile on a tiny config in a temporary folder (a few minutes on 2 cores)."""
+
+import json
+import shutil
+
+import matplotlib.image
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from ctvlp import catalog
+from ctvlp.model.io import load_model
+
+from conftest import REPO
+from snakemake_run import TEST_CONFIG, planned_jobs, planned_rules, snakemake
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("wf")
+    shutil.copy(TEST_CONFIG, wd / "config.yaml")
+    out = snakemake(wd)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return wd
+
+
+def test_outputs_hold_what_each_stage_promises(run):
+    r = run / "results"
+    man = pl.read_parquet(r / "cohort/manifest.parquet")
+    assert len(man) == 24 and set(man["split"]) == {"train", "val", "test"}
+    # reports: one row per case and anatomy, with both normal and abnormal statuses
+    rep = pl.read_parquet(r / "reports/reports.parquet")
+    assert len(rep) == 24 * len(catalog.anatomies())
+    assert {"normal", "abnormal"} <= set(rep["status"])
+    # preprocessing: target spacing, [0, 1] float16 image, anatomy labels of the catalog
+    case = man["case_id"][0]
+    meta = json.loads((r / f"preprocessed/{case}/meta.json").read_text(encoding="utf-8"))
+    assert meta["spacing"] == pytest.approx([8.0, 8.0, 8.0]) and meta["original_spacing"] != meta["spacing"]
+    img = np.load(r / f"preprocessed/{case}/image.npy")
+    anat = np.load(r / f"preprocessed/{case}/anatomy.npy")
+    assert img.dtype == np.float16 and 0 <= img.min() and img.max() <= 1 and img.shape == anat.shape
+    assert len(set(np.unique(anat)) - {0}) >= 14
+    tab = pl.read_parquet(r / f"segment/{case}/anatomies.parquet")
+    assert tab["present"].sum() >= 14
+    # data QC: every demo case kept, its HU decision recorded, no exclusions
+    qc = pl.read_parquet(r / "qc/qc.parquet")
+    assert sorted(qc["case_id"]) == sorted(man["case_id"]) and qc["hu_decision"].str.contains("already HU").all()
+    assert len(pl.read_parquet(r / "qc/excluded.parquet")) == 0
+    assert pl.read_parquet(r / "qc/cases.parquet")["case_id"].to_list() == man["case_id"].to_list()
+    # training: a finite loss per step and one validation loss per epoch; loadable weights
+    metrics = pl.read_csv(r / "train/align/metrics.csv")
+    assert len(metrics.filter(pl.col("split") == "val")) == 2
+    assert metrics["loss"].is_finite().all()
+    model = load_model(r / "train/align")
+    assert model.vision.net.layer4[0].conv1.out_channels == 16
+    # the four phases ran in a chain: phase 2 started from phase 1, the evaluated model is phase 4's
+    assert json.loads((r / "train/align/config.json").read_text(encoding="utf-8"))["init"].endswith("train/visual_cl")
+    assert load_model(r / "train/boost").boost
+    normality = json.loads((r / "train/normality/config.json").read_text(encoding="utf-8"))["normality"]
+    assert normality["n_normal"] > 0 and normality["recon_normal"] > 0
+    # evaluation: one row per zero-shot demo disease plus the mean; numbers recomputed from predictions
+    table = pl.read_csv(r / "eval/zeroshot.csv")
+    pred = pl.read_parquet(r / "eval/predictions.parquet")
+    ids = [d.id for d in catalog.diseases("demo") if d.zero_shot]
+    assert table["disease_id"].to_list() == ids + ["mean"]
+    for row in table.filter(pl.col("disease_id") != "mean").iter_rows(named=True):
+        t = pred.filter((pl.col("disease_id") == row["disease_id"]) & (pl.col("split") == "test")
+                        & pl.col("evaluable"))
+        if t["label"].n_unique() == 2:
+            assert row["auc"] == pytest.approx(roc_auc_score(t["label"], t["score"]))
+    assert (r / "eval/zeroshot.md").read_text(encoding="utf-8").count("|") > 20
+    organs = pl.read_csv(r / "eval/zeroshot_by_organ.csv")
+    assert set(organs["organ"]) == {d.organ for d in catalog.diseases("demo")}
+    mean = table.filter(pl.col("disease_id") == "mean").row(0, named=True)
+    assert mean["auc_ci_low"] <= mean["auc"] <= mean["auc_ci_high"]
+    # the linear probe: same diseases with ground truth, same metric columns
+    probe = pl.read_csv(r / "eval/linear_probe.csv")
+    assert set(probe["disease_id"]) >= set(ids) and {"auc", "sensitivity", "threshold"} <= set(probe.columns)
+    # every rule wrote a log and a benchmark
+    assert (r / "logs/train/train_align.log").stat().st_size > 0
+    assert (r / "benchmarks/train/train_align.tsv").read_text(encoding="utf-8").startswith("s\t")
+
+
+def test_html_report_holds_tables_figures_and_captions(run):
+    out = snakemake(run, "--report", "report.html")
+    assert out.returncode == 0, out.stderr[-3000:]
+    html = (run / "report.html").read_text(encoding="utf-8")
+    for name in ("zeroshot.md", "zeroshot_by_organ.md", "linear_probe.md", "summary.md", "roc_per_organ.png",
+                 "tsne.png", "activation_histograms.png", "activation_maps.png", "metrics.csv"):
+        assert name in html, name
+    assert "t-SNE of test anatomy embeddings" in html  # a caption from workflow/report/
+    img = matplotlib.image.imread(run / "results/eval/figures/roc_per_organ.png")
+    assert img.ndim == 3 and img.shape[0] > 100 and img[..., :3].std() > 0  # a drawn figure, not blank
+
+
+def test_rerun_has_nothing_to_do(run):
+    assert planned_rules(run) == set()
+
+
+def test_parameter_change_reruns_only_dependent_rules(run):
+    cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    cfg["evaluate"] = {"threshold": "closest"}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    try:
+        assert planned_rules(run) == {"evaluate_zeroshot", "linear_probe", "figures", "all"}
+        cfg["preprocess"]["spacing"] = [9.0, 9.0, 9.0]
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        jobs = planned_jobs(run)
+        assert set(jobs) == {"preprocess", "qc", "train", "evaluate_zeroshot", "linear_probe", "figures", "all"}
+        assert jobs["train"] == 4  # every phase of the chain, from the first
+        cfg = yaml.safe_load(TEST_CONFIG.read_text(encoding="utf-8"))
+        cfg["train"]["threads"], cfg["train"]["checkpoint_every"] = 1, 7  # runtime keys: nothing to redo
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        assert planned_rules(run) == set()
+    finally:
+        shutil.copy(TEST_CONFIG, run / "config.yaml")
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": "many"}}))
+    out = snakemake(tmp_path, "-n")
+    assert out.returncode != 0
+    assert "train.epochs" in out.stdout + out.stderr
+
+
+def test_every_command_gets_the_rules_threads(run):
+    # every rule after the cohort checkpoint (forcing the checkpoint itself would hide what follows it)
+    out = snakemake(run, "-n", "-p", "--cores", "1", "--forcerun", "segment", "preprocess", "qc", "reports", "train",
+                    "evaluate_zeroshot", "linear_probe", "figures")
+    assert out.returncode == 0, out.stderr[-3000:]
+    commands = [line for line in (out.stdout + out.stderr).splitlines() if "Shell command: ctvlp " in line]
+    assert len(commands) > 20 and all(" --threads 1 " in c for c in commands), commands[:3]
+
+
+@pytest.mark.parametrize("configfile", [None, TEST_CONFIG])
+def test_lint_is_clean(configfile):
+    out = snakemake(REPO, "--lint", *(["--configfile", str(configfile)] if configfile else []))
+    assert out.returncode == 0 and "good condition" in out.stdout + out.stderr
