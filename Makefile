@@ -36,7 +36,13 @@ $(VENV)/.llm: $(BIN)/ctvlp .ci/llm_setup.sh
 	bash .ci/llm_setup.sh $(BIN)/python
 	touch $@
 
-install-test: $(VENV)/.totalseg $(VENV)/.llm
+# The cluster tests submit the workflow to a real one-node SLURM (tests/slurm_cluster.py starts it):
+# Debian's slurm-wlm and munge, and snakemake-executor-plugin-slurm into the venv.
+$(VENV)/.slurm: $(BIN)/ctvlp .ci/slurm_setup.sh
+	bash .ci/slurm_setup.sh $(BIN)/python
+	touch $@
+
+install-test: $(VENV)/.totalseg $(VENV)/.llm $(VENV)/.slurm
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES)

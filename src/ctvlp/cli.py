@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -53,16 +54,36 @@ def cmd_cohort(args):
     build_cohort(_settings(args), args.out)
 
 
+def _one_case_or_shard(args) -> bool:
+    """True for a shard run (--shard, --shard-size, --out-root, --table), False for one case
+    (--case, --out-dir); anything else is a usage error."""
+    shard = [args.shard, args.shard_size, args.out_root, args.table]
+    if args.case is not None and args.out_dir and not any(v is not None for v in shard):
+        return False
+    if args.case is None and args.out_dir is None and all(v is not None for v in shard):
+        return True
+    raise SystemExit(f"ctvlp {args.command}: give --case and --out-dir (one case), or --shard, --shard-size, "
+                     "--out-root and --table (a shard of the manifest's cases)")
+
+
 def cmd_segment(args):
     from .imaging import stage
 
-    stage.segment(args.manifest, args.case, _settings(args), args.out_dir)
+    if _one_case_or_shard(args):
+        stage.run_shard("segment", args.manifest, args.shard, args.shard_size, _settings(args), args.out_root,
+                        args.table)
+    else:
+        stage.segment(args.manifest, args.case, _settings(args), args.out_dir)
 
 
 def cmd_preprocess(args):
     from .imaging import stage
 
-    stage.preprocess(args.manifest, args.case, _settings(args), args.segment_dir, args.out_dir)
+    if _one_case_or_shard(args):
+        stage.run_shard("preprocess", args.manifest, args.shard, args.shard_size, _settings(args), args.out_root,
+                        args.table, segment_root=args.segment_root)
+    else:
+        stage.preprocess(args.manifest, args.case, _settings(args), args.segment_dir, args.out_dir)
 
 
 def cmd_qc(args):
@@ -152,14 +173,22 @@ def _parser() -> argparse.ArgumentParser:
     add("validate-config", cmd_validate_config, "validate a config and print it with defaults")
     p = add("cohort", cmd_cohort, "write the cohort manifest from the configured source (demo, ctrate, table)")
     p.add_argument("--out", required=True, help="output folder (manifest.parquet, ground_truth.parquet, ...)")
-    p = add("segment", cmd_segment, "group one case's TotalSegmentator classes into the 36 anatomies",
-            "--case", "--manifest")
-    p.add_argument("--out-dir", required=True, help="case folder: anatomy.nii.gz + anatomies.parquet, "
-                   "or excluded.json with the reason")
-    p = add("preprocess", cmd_preprocess, "check, convert to HU, resample and scale one case", "--case", "--manifest")
-    p.add_argument("--segment-dir", required=True, help="the case's folder from `ctvlp segment`")
-    p.add_argument("--out-dir", required=True, help="case folder: image.npy, anatomy.npy, meta.json, "
-                   "or excluded.json with the reason")
+    def per_case(p, folder_help):
+        p.add_argument("--case", default=None, help="one case (with --out-dir)")
+        p.add_argument("--out-dir", default=None, help=f"the case's folder: {folder_help}, or excluded.json with the reason")
+        p.add_argument("--shard", type=int, default=None, help="a shard of the manifest's cases (the workflow's jobs)")
+        p.add_argument("--shard-size", type=int, default=None, help="cases per shard")
+        p.add_argument("--out-root", default=None, help="with --shard: case folders go to OUT_ROOT/<case_id>")
+        p.add_argument("--table", default=None, help="with --shard: the shard's table (Parquet: case, status, reason)")
+
+    p = add("segment", cmd_segment, "group TotalSegmentator classes into the 36 anatomies (one case or a shard)",
+            "--manifest")
+    per_case(p, "anatomy.nii.gz + anatomies.parquet")
+    p = add("preprocess", cmd_preprocess, "check, convert to HU, resample and scale (one case or a shard)",
+            "--manifest")
+    per_case(p, "image.npy, anatomy.npy, meta.json")
+    p.add_argument("--segment-dir", default=None, help="one case: its folder from `ctvlp segment`")
+    p.add_argument("--segment-root", default=None, help="a shard: the folder of segment's case folders")
     p = add("qc", cmd_qc, "collect per-case QC and exclusions; list the cases that go on", "--manifest",
             "--segment-root", "--preprocessed-root")
     p.add_argument("--cohort-exclusions", default=None, help="exclusions.parquet from `ctvlp cohort`")
@@ -197,6 +226,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _use_threads(args.threads)
+    job = os.environ.get("SLURM_JOB_ID")
+    log.info("ctvlp %s on %s%s", args.command, socket.gethostname(), f" (SLURM job {job})" if job else "")
     try:
         args.func(args)
     except (cfgmod.ConfigError, UnsafePathError, UnsafeCaseIdError, NoLabelsError) as e:

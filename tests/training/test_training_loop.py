@@ -3,33 +3,26 @@ mismatches, and DDP gradients with gathered negatives equal to one process on th
 
 import copy
 import csv
-import datetime
 import itertools
 import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ctvlp import config
-from ctvlp.model.config import ModelConfig
 from ctvlp.model.io import model_state
-from ctvlp.model.losses import AlignmentLoss
-from ctvlp.model.network import CTVLP
-from ctvlp.model.vision import N_ANATOMIES
+from ctvlp.training import launch
 from ctvlp.training.checkpoint import CHECKPOINT, checkpoint_state
-from ctvlp.training.data import TextBank
-from ctvlp.training.distributed import wrap_step
 from ctvlp.training.loop import (
     RUNNING_METRICS,
     LoopSettings,
@@ -38,7 +31,7 @@ from ctvlp.training.loop import (
     run_phase,
     warmup_cosine,
 )
-from ctvlp.training.phases import batch_loss, run
+from ctvlp.training.phases import run
 
 CPU = torch.device("cpu")
 TOY = {"epochs": 3, "batch_size": 4, "lr": 0.05, "min_lr": 1e-3, "warmup_epochs": 1, "weight_decay": 0.01,
@@ -229,56 +222,20 @@ def test_sigkilled_training_resumes_to_identical_weights(tiny_cohort, tmp_path, 
 
 # ---- DDP: 2 gloo processes against one process on the global batch ---------------------------
 
-TEXTS = ["The liver is unremarkable.", "Hepatic cyst.", "Renal stone.", "The spleen is enlarged."]
-
-
-def _ddp_case(empty_half: bool):
-    """A tiny model (eval: BatchNorm uses running statistics, identical however the batch is split)
-    and a fixed global batch of 4 whose text ids repeat across the halves. empty_half: the second
-    half has no valid anatomy (that process never runs the text path)."""
-    torch.manual_seed(0)
-    model = CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), embed_dim=16, heads=2, text_max_length=32,
-                                            vq_codes=0)).eval()
-    g = torch.Generator().manual_seed(1)
-    valid = torch.rand(4, N_ANATOMIES, generator=g) < 0.7
-    valid[2:] &= not empty_half
-    tidx = torch.randint(0, len(TEXTS), (4, N_ANATOMIES), generator=g).masked_fill(~valid, -1)
-    batch = {"image": torch.rand(4, 1, 32, 32, 32, generator=g),
-             "anatomy": torch.randint(0, N_ANATOMIES + 1, (4, 32, 32, 32), generator=g, dtype=torch.uint8),
-             "valid": valid, "normal": torch.rand(4, N_ANATOMIES, generator=g) < 0.5, "text_idx": tidx}
-    return model, TextBank(model, TEXTS, CPU), batch
-
-
-def _loss_and_grads(model, bank, batch):
-    step = wrap_step(model, lambda b: (*batch_loss(model, bank, b, CPU, AlignmentLoss(True), gather=True), {}), CPU)
-    loss, pairs, _ = step(batch)
-    loss.backward()
-    return {"loss": loss.detach().reshape(1), "pairs": torch.tensor([pairs]),
-            **{f"grad.{n}": p.grad for n, p in model.named_parameters() if p.grad is not None}}
-
-
-def _ddp_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        for empty_half in (False, True):
-            model, bank, batch = _ddp_case(empty_half)
-            half = len(batch["image"]) // world
-            local = {k: v[rank * half:(rank + 1) * half] for k, v in batch.items()}
-            save_file(_loss_and_grads(model, bank, local), str(out / f"{empty_half}.rank{rank}.safetensors"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_with_gathered_negatives_matches_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    """Two gloo processes started by the training launcher (torchrun, as the workflow's training
+    rule starts `ctvlp train` with train.gpus 2) give the loss and gradients of one process on the
+    whole batch."""
+    from ddp_worker import ddp_case, loss_and_grads
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([*launch.command(2, module="ddp_worker"), str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     torch.set_num_threads(1)
     for empty_half in (False, True):
-        single = _loss_and_grads(*_ddp_case(empty_half))
+        single = loss_and_grads(*ddp_case(empty_half))
         assert single["pairs"].item() > 8 and any(k.startswith("grad.txt_pool") for k in single)
         for rank in range(2):
             got = load_file(tmp_path / f"{empty_half}.rank{rank}.safetensors")
@@ -287,6 +244,15 @@ def test_ddp_with_gathered_negatives_matches_one_process(tmp_path):
             assert torch.allclose(got["loss"], single["loss"], atol=1e-6)
             for k, v in single.items():
                 assert torch.allclose(got[k], v, rtol=1e-4, atol=1e-7), (empty_half, rank, k)
+
+
+def test_the_launcher_is_one_process_or_torchrun():
+    assert launch.command(1) == ["ctvlp"]
+    cmd = launch.command(4)
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "ctvlp.cli"]
+    assert launch.shell_prefix(2).startswith("python -m torch.distributed.run --standalone --nproc_per_node=2")
+    with pytest.raises(ValueError):
+        launch.command(0)
 
 
 def test_best_val_selection_keeps_the_lowest_validation_epoch(tmp_path):

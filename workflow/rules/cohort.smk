@@ -17,7 +17,8 @@ checkpoint cohort:
         results_path("benchmarks/cohort.tsv")
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=4000,
+        runtime=lambda w, attempt: attempt * 120,
     conda:
         "../../envs/imaging.yaml"
     shell:

@@ -1,13 +1,16 @@
 # Shared by all the workflow files (the validated config, the results folder, the settings each
 # stage reads, the case list from the cohort checkpoint, and the training chains).
+import math
 import os
 import shlex
+import shutil
 from pathlib import Path
 
 import polars as pl
 
 from ctvlp import config as cfgmod
 from ctvlp import workspace
+from ctvlp.training import launch
 
 # Fill defaults and stop at start with the offending key on any unknown key or wrong type.
 config.update(cfgmod.validate(config))
@@ -45,14 +48,13 @@ def settings(*sections):
                 settings=cfgmod.digest(cfgmod.tracked(cfgmod.restrict(config, list(sections)))))
 
 
-def case_ids():
-    manifest = checkpoints.cohort.get().output.manifest
-    return pl.read_parquet(manifest, columns=["case_id"])["case_id"].to_list()
+def all_shards(stage):
+    """Input function: every shard table of a per-case stage, once the cohort is known."""
 
-
-def all_cases(pattern):
     def inner(wildcards):
-        return [results_path(pattern.format(case=c)) for c in case_ids()]
+        manifest = checkpoints.cohort.get().output.manifest
+        cases = pl.scan_parquet(manifest).select(pl.len()).collect().item()
+        return [results_path(f"shards/{stage}/{shard}.parquet") for shard in range(math.ceil(cases / config["shard_size"]))]
 
     return inner
 
@@ -82,7 +84,17 @@ def parent_of(name, up=0):
     return inner
 
 
-TRAIN_GPU = 1 if config["train"]["device"].startswith("cuda") else 0
+def _cuda_here():
+    """A CUDA device on this machine (cheap: the driver's files, no torch import)."""
+    return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
+# GPUs a job really uses: TotalSegmentator on the GPU; training (and evaluation) on cuda, or on auto
+# where CUDA is present. On a cluster set train.device: cuda (the submitting host may have no GPU).
+SEGMENT_GPU = 1 if config["segment"]["backend"] == "totalsegmentator" and config["segment"]["device"] == "gpu" else 0
+TRAIN_ON_GPU = config["train"]["device"].startswith("cuda") or (config["train"]["device"] == "auto" and _cuda_here())
+TRAIN_GPU = config["train"]["gpus"] if TRAIN_ON_GPU else 0
+EVAL_GPU = 1 if TRAIN_ON_GPU else 0
 
 
 # ---- training chains (train.smk) and evaluated models (evaluate.smk) ----

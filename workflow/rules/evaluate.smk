@@ -28,7 +28,8 @@ rule evaluate_zeroshot:
     threads: config["train"]["threads"]
     resources:
         mem_mb=4000,
-        gpu=TRAIN_GPU,
+        gpu=EVAL_GPU,
+        runtime=lambda w, attempt: attempt * 4 * 60,
     conda:
         "../../envs/train.yaml"
     shell:
@@ -61,7 +62,8 @@ rule linear_probe:
     threads: config["train"]["threads"]
     resources:
         mem_mb=4000,
-        gpu=TRAIN_GPU,
+        gpu=EVAL_GPU,
+        runtime=lambda w, attempt: attempt * 4 * 60,
     conda:
         "../../envs/train.yaml"
     shell:
@@ -96,7 +98,8 @@ rule figures:
     threads: config["train"]["threads"]
     resources:
         mem_mb=4000,
-        gpu=TRAIN_GPU,
+        gpu=EVAL_GPU,
+        runtime=lambda w, attempt: attempt * 4 * 60,
     conda:
         "../../envs/train.yaml"
     shell:
@@ -117,6 +120,7 @@ rule ablation:
     threads: 1
     resources:
         mem_mb=1000,
+        runtime=10,
     conda:
         "../../envs/train.yaml"
     shell:

@@ -1,64 +1,74 @@
-# Per-case stages write a folder each: the outputs, or excluded.json with the reason (bad input
-# is recorded, never dropped); the qc rule gathers them and lists the cases that go on.
-# Case ids in the manifest are plain names (ctvlp.workspace.case_id_problem); the constraint keeps
-# Snakemake itself from matching anything else as a case folder.
-wildcard_constraints:
-    case="[A-Za-z0-9][A-Za-z0-9._-]*",
+# The per-case stages run over shards of the manifest's cases (shard_size per job): one process
+# loads its libraries once for a shard, and a cohort of 50,000 cases is hundreds of jobs, not
+# 100,000. Each case still gets its own folder (results/segment/<case>, results/preprocessed/<case>)
+# with its outputs or excluded.json and the reason, written complete or not at all; a case whose
+# folder was made from the same settings and input is kept, so a killed shard job resumes. A shard
+# job's declared output is its table of cases (results/shards/...), which qc gathers.
 
+
+wildcard_constraints:
+    shard=r"\d+",
 
 
 rule segment:
     input:
         manifest=results_path("cohort/manifest.parquet"),
     output:
-        directory(results_path("segment/{case}")),
+        results_path("shards/segment/{shard}.parquet"),
     params:
         # image checks only; the target spacing etc. must not re-run segmentation
-        **settings("segment", "preprocess.min_slices", "preprocess.spacing_range", "preprocess.max_voxels"),
+        **settings("segment", "preprocess.min_slices", "preprocess.spacing_range", "preprocess.max_voxels",
+                   "shard_size"),
+        out_root=lambda w: results_path("segment"),
     log:
-        results_path("logs/segment/{case}.log"),
+        results_path("logs/segment/shard-{shard}.log"),
     benchmark:
-        results_path("benchmarks/segment/{case}.tsv")
-    threads: 1
+        results_path("benchmarks/segment/shard-{shard}.tsv")
+    threads: config["segment"]["threads"]
     resources:
-        mem_mb=4000,
+        mem_mb=8000,
+        gpu=SEGMENT_GPU,
+        runtime=lambda w, attempt: attempt * (30 + config["shard_size"] * (10 if SEGMENT_GPU else 2)),
     conda:
         "../../envs/imaging.yaml"
     shell:
         "ctvlp segment --config {params.config_file:q} --sections {params.sections} --threads {threads}"
-        " --case={wildcards.case:q} --manifest {input.manifest:q}"
-        " --out-dir {output:q} > {log:q} 2>&1"
+        " --manifest {input.manifest:q} --shard {wildcards.shard} --shard-size {config[shard_size]}"
+        " --out-root {params.out_root:q} --table {output:q} > {log:q} 2>&1"
 
 
 rule preprocess:
     input:
         manifest=results_path("cohort/manifest.parquet"),
-        segment=results_path("segment/{case}"),
+        segment=results_path("shards/segment/{shard}.parquet"),
     output:
-        directory(results_path("preprocessed/{case}")),
+        results_path("shards/preprocessed/{shard}.parquet"),
     params:
-        **settings("preprocess"),
+        **settings("preprocess", "shard_size"),
+        out_root=lambda w: results_path("preprocessed"),
+        segment_root=lambda w: results_path("segment"),
     log:
-        results_path("logs/preprocess/{case}.log"),
+        results_path("logs/preprocess/shard-{shard}.log"),
     benchmark:
-        results_path("benchmarks/preprocess/{case}.tsv")
+        results_path("benchmarks/preprocess/shard-{shard}.tsv")
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=8000,
+        runtime=lambda w, attempt: attempt * (30 + config["shard_size"]),
     conda:
         "../../envs/imaging.yaml"
     shell:
         "ctvlp preprocess --config {params.config_file:q} --sections {params.sections} --threads {threads}"
-        " --case={wildcards.case:q} --manifest {input.manifest:q}"
-        " --segment-dir {input.segment:q} --out-dir {output:q} > {log:q} 2>&1"
+        " --manifest {input.manifest:q} --shard {wildcards.shard} --shard-size {config[shard_size]}"
+        " --out-root {params.out_root:q} --segment-root {params.segment_root:q} --table {output:q} > {log:q} 2>&1"
 
 
 rule qc:
     input:
         manifest=results_path("cohort/manifest.parquet"),
         exclusions=results_path("cohort/exclusions.parquet"),
-        segment=all_cases("segment/{case}"),
-        preprocessed=all_cases("preprocessed/{case}"),
+        segment=all_shards("segment"),
+        preprocessed=all_shards("preprocessed"),
     output:
         cases=results_path("qc/cases.parquet"),
         qc=results_path("qc/qc.parquet"),
@@ -73,11 +83,11 @@ rule qc:
         results_path("logs/qc.log"),
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=4000,
+        runtime=60,
     conda:
         "../../envs/imaging.yaml"
     shell:
         "ctvlp qc --config {params.config_file:q} --sections {params.sections} --threads {threads}"
-        " --manifest {input.manifest:q}"
-        " --cohort-exclusions {input.exclusions:q} --segment-root {params.segment_root:q}"
+        " --manifest {input.manifest:q} --cohort-exclusions {input.exclusions:q} --segment-root {params.segment_root:q}"
         " --preprocessed-root {params.preprocessed_root:q} --out {params.out:q} > {log:q} 2>&1"

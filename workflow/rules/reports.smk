@@ -14,7 +14,8 @@ rule reports:
         results_path("benchmarks/reports.tsv")
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=4000,
+        runtime=lambda w, attempt: attempt * 24 * 60,  # the llm backend on a large cohort
     conda:
         "../../envs/reports.yaml"
     shell:

@@ -24,6 +24,8 @@ rule train:
         out_dir=parent_of("weights"),
         init=lambda w, input: f"--init {shlex.quote(str(Path(input.init).parent))}" if "init" in input.keys() else "",
         contrast=lambda w: "instance" if w.chain == "ablation/fvlm_icl" else "disease",
+        # one process, or torchrun with train.gpus processes on the node (data-parallel)
+        launch=launch.shell_prefix(config["train"]["gpus"]),
     log:
         results_path("logs/{chain}/train_{phase}.log"),
     benchmark:
@@ -32,9 +34,10 @@ rule train:
     resources:
         mem_mb=8000,
         gpu=TRAIN_GPU,
+        runtime=lambda w, attempt: attempt * 24 * 60,
     conda:
         "../../envs/train.yaml"
     shell:
-        "ctvlp train --phase {wildcards.phase} --config {params.config_file:q} --sections {params.sections}"
+        "{params.launch} train --phase {wildcards.phase} --config {params.config_file:q} --sections {params.sections}"
         " --threads {threads} --cases {input.cases:q} --reports {input.reports:q} --out-dir {params.out_dir:q}"
         " {params.init} --contrast {params.contrast} > {log:q} 2>&1"
