@@ -14,7 +14,8 @@ import SimpleITK as sitk
 from ctvlp import cli, workspace
 from ctvlp.cohort import demo, generic, schema
 from ctvlp.config import validate
-from ctvlp.imaging import checks, exclusion, qc, stage
+from ctvlp.imaging import checks, exclusion, qc
+from ctvlp.imaging.stage import STAMP
 
 SETTINGS = validate({"preprocess": {"spacing": [8.0, 8.0, 8.0]}, "segment": {"backend": "phantom"}})
 
@@ -119,7 +120,7 @@ def test_every_case_is_kept_or_excluded_with_its_reason(corpus):
         assert stages[cid] == stage, (cid, stages[cid], reasons[cid])
         assert words in reasons[cid], (cid, reasons[cid])
     # an excluded case leaves only its record, never half-written arrays
-    assert sorted(p.name for p in (d / "preprocessed/double_rescaled").iterdir()) == [stage.STAMP, "excluded.json"]
+    assert sorted(p.name for p in (d / "preprocessed/double_rescaled").iterdir()) == [STAMP, "excluded.json"]
     summary = (d / "qc/summary.md").read_text(encoding="utf-8")
     assert "cases processed and kept: 3" in summary and "mismatched_mask" in summary
 
