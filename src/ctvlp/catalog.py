@@ -41,9 +41,29 @@ class Disease:
     organ: str
     type: str  # "local" or "diffuse"
     synonyms: tuple[str, ...]
-    positive_prompts: tuple[str, ...]
-    negative_prompts: tuple[str, ...]
+    # zero-shot prompt ensembles per style: ((style, positive prompts, negative prompts), ...); the
+    # negative prompts negate the finding ("There is no X."), never "the organ is unremarkable"
+    prompts: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]
     zero_shot: bool
+
+    @property
+    def prompt_styles(self) -> tuple[str, ...]:
+        return tuple(style for style, _, _ in self.prompts)
+
+    def prompts_of(self, style: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(positive, negative) prompts of ``style`` (default: the catalog's first style)."""
+        for name, positive, negative in self.prompts:
+            if style is None or name == style:
+                return positive, negative
+        raise KeyError(f"disease {self.id!r} has no prompt style {style!r} (styles: {', '.join(self.prompt_styles)})")
+
+    @property
+    def positive_prompts(self) -> tuple[str, ...]:
+        return self.prompts_of()[0]
+
+    @property
+    def negative_prompts(self) -> tuple[str, ...]:
+        return self.prompts_of()[1]
 
 
 @lru_cache(maxsize=None)
@@ -113,7 +133,10 @@ def diseases(catalog: str = "demo") -> tuple[Disease, ...]:
                 f"disease catalog {catalog!r} is neither one of {DISEASE_CATALOGS} nor a file"
             )
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    templates = data.get("prompt_templates", {})
+    # prompt_templates (one style, the format before styles existed) reads as the style "report"
+    styles = data.get("prompt_styles") or ({"report": data["prompt_templates"]} if "prompt_templates" in data else {})
+    if not styles:
+        raise ValueError(f"disease catalog {catalog!r} has no prompt_styles")
     known = set(anatomy_names())
     out = []
     for r in data["diseases"]:
@@ -121,10 +144,18 @@ def diseases(catalog: str = "demo") -> tuple[Disease, ...]:
             raise ValueError(f"disease {r['id']!r}: unknown anatomy {r['anatomy']!r}")
         if r["type"] not in ("local", "diffuse"):
             raise ValueError(f"disease {r['id']!r}: type must be local or diffuse, not {r['type']!r}")
-        fill = {"name": r["name"], "anatomy": r["anatomy"].replace("_", " ")}
-        prompts = r.get("prompts", {})
-        pos = prompts.get("positive") or [t.format(**fill) for t in templates["positive"]]
-        neg = prompts.get("negative") or [t.format(**fill) for t in templates["negative"]]
+        fill = {"name": r["name"], "Name": r["name"][:1].upper() + r["name"][1:],
+                "anatomy": r["anatomy"].replace("_", " ")}
+        own = r.get("prompts", {})  # {style: {positive, negative}}: where a template reads badly
+        prompts = []
+        for style, template in styles.items():
+            given = own if {"positive", "negative"} & set(own) else own.get(style, {})  # flat: every style
+            positive = tuple(given.get("positive") or [t.format(**fill) for t in template["positive"]])
+            negative = tuple(given.get("negative") or [t.format(**fill) for t in template["negative"]])
+            prompts.append((style, positive, negative))
+        if len(prompts) > 1:  # every style's prompts together: an ensemble of both wordings
+            prompts.append(("ensemble", tuple(p for _, pos, _ in prompts for p in pos),
+                            tuple(n for _, _, neg in prompts for n in neg)))
         out.append(
             Disease(
                 id=r["id"],
@@ -133,8 +164,7 @@ def diseases(catalog: str = "demo") -> tuple[Disease, ...]:
                 organ=r.get("organ", r["anatomy"]),
                 type=r["type"],
                 synonyms=tuple(r.get("synonyms", ())),
-                positive_prompts=tuple(pos),
-                negative_prompts=tuple(neg),
+                prompts=tuple(prompts),
                 zero_shot=bool(r.get("zero_shot", True)),
             )
         )

@@ -31,8 +31,9 @@ from .workspace import case_id_problem, slug
 
 
 class Predictor:
-    def __init__(self, model, settings: dict, thresholds: dict[str, float], device):
+    def __init__(self, model, settings: dict, thresholds: dict[str, float], device, prompt_style: str | None = None):
         self.model, self.settings, self.thresholds, self.device = model, settings, thresholds, device
+        self.prompt_style = prompt_style  # as chosen on validation by the evaluation (None: the catalog's first)
 
     @torch.no_grad()
     def predict(self, scan: str | Path, mask: str | Path | None = None, case_id: str | None = None) -> pl.DataFrame:
@@ -58,7 +59,8 @@ class Predictor:
         complete = table.sort("index")["complete"].to_numpy()
         emb = embed_volume(self.model, img, anat, complete, meta["anatomy_bbox"], self.device, crop_size(s))
         rows = []
-        for d, scores in disease_scores(self.model, torch.from_numpy(emb)[None].to(self.device), s["evaluate"]["catalog"]):
+        for d, scores in disease_scores(self.model, torch.from_numpy(emb)[None].to(self.device), s["evaluate"]["catalog"],
+                                        self.prompt_style):
             ok = bool(complete[anatomy_by_name(d.anatomy).index - 1])
             thr = self.thresholds.get(d.id)
             prob = float(scores[0]) if ok else None
@@ -71,12 +73,15 @@ class Predictor:
                                           "probability": pl.Float64, "threshold": pl.Float64, "decision": pl.Utf8})
 
 
-def read_thresholds(path: str | Path | None) -> dict[str, float]:
-    """Per-disease thresholds from the evaluate stage's zeroshot.csv (chosen on validation)."""
+def read_thresholds(path: str | Path | None) -> tuple[dict[str, float], str | None]:
+    """Per-disease thresholds from the evaluate stage's zeroshot.csv (chosen on validation) and the
+    prompt style the evaluation chose on validation."""
     if path is None:
-        return {}
-    t = pl.read_csv(path).filter(pl.col("disease_id") != "mean").drop_nulls("threshold")
-    return dict(zip(t["disease_id"], t["threshold"]))
+        return {}, None
+    table = pl.read_csv(path)
+    style = table["prompt_style"].drop_nulls()[0] if "prompt_style" in table.columns else None
+    rows = table.filter(pl.col("disease_id") != "mean").drop_nulls("threshold")
+    return dict(zip(rows["disease_id"], rows["threshold"])), style
 
 
 def load_model(model_dir: str | Path, config: str | Path | dict | None = "config.yaml",
@@ -87,7 +92,10 @@ def load_model(model_dir: str | Path, config: str | Path | dict | None = "config
     settings = cfgmod.validate(dict(config)) if isinstance(config, dict) else (
         cfgmod.load(config) if config is not None else cfgmod.validate({}))
     dev = pick_device(device if device != "auto" else settings["train"]["device"])
-    return Predictor(load_weights(model_dir, dev), settings, read_thresholds(thresholds), dev)
+    values, style = read_thresholds(thresholds)
+    if style is None and settings["evaluate"]["prompt_style"] != "auto":
+        style = settings["evaluate"]["prompt_style"]
+    return Predictor(load_weights(model_dir, dev), settings, values, dev, style)
 
 
 def write(pred: pl.DataFrame, out_prefix: str | Path) -> dict[str, Path]:

@@ -166,9 +166,9 @@ def test_rows_schema_and_reasons(pred, cohort, tmp_path):
     # zeroshot.predict wants ground truth for every zero-shot disease of the catalog
     truth.vstack(truth.filter(pl.col("disease_id") == "heart_x").with_columns(disease_id=pl.lit("no_truth"))).write_parquet(
         tmp_path / "gt.parquet")
-    zero_shot = zeroshot.predict(cohort["model"], cohort["cases"], tmp_path / "gt.parquet", cohort["catalog"],
-                                 device="cpu")
-    assert pred.columns == zero_shot.columns
+    zero_shot, _ = zeroshot.predict(cohort["model"], cohort["cases"], tmp_path / "gt.parquet", cohort["catalog"],
+                                    device="cpu")
+    assert pred.columns == [c for c in zero_shot.columns if c != "prompt_style"]
     assert pred["split"].unique().sort().to_list() == ["test", "val"]
     assert set(pred["disease_id"]) == {"nodule_a", *SHUFFLED, "one_class", "heart_x", "liver_x"}  # not no_truth
     assert len(pred) == (N_SPLIT["val"] + N_SPLIT["test"]) * 8

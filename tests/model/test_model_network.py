@@ -166,3 +166,57 @@ def test_stage3_tokens_double_the_grid():
     f4, f3 = m4.vision(x), m3.vision(x)
     assert f4.shape[2:] == (2, 2, 3) and f3.shape[2:] == (4, 4, 6)
     assert f3.shape[1] == 8 + 16 and m3.vision.stride == 8 and m4.vision.stride == 16
+
+
+def test_fvlm_calibration_pairs_abnormal_rows_by_their_findings_hand_computed():
+    """Three abnormal kidneys: two state the same catalog finding in different words, the third
+    another. With calibration the first two are positives of each other; temperature 1,
+    orthogonal embeddings: rows 0 and 1 give log(e+2) - 1/2 each, row 2 log(e+2) - 1."""
+    import polars as pl
+
+    from ctvlp.training.data import anatomy_texts
+
+    from ctvlp.reports.schema import REPORT_SCHEMA
+
+    def row(case_id, text, disease):
+        return {"case_id": case_id, "anatomy": "kidney", "text": text, "status": "abnormal",
+                "findings": [{"disease_id": disease, "presence": "present"}], "backend": "rules", "model": "rules",
+                "prompt_version": "rules-1", "error": None}
+
+    reports = pl.DataFrame([row("a", "A 12 mm renal cyst in the left kidney.", "kidney_cyst"),
+                            row("b", "Simple cortical cyst, right kidney, 20 mm.", "kidney_cyst"),
+                            row("c", "A 4 mm calculus in the lower pole.", "renal_calculus")], schema=REPORT_SCHEMA)
+    texts = anatomy_texts(reports, ["a", "b", "c"], unmentioned_as_normal=False)
+    j = catalog.anatomy_by_name("kidney").index - 1
+    assert len(set(texts.text_idx[:, j])) == 3  # three different texts
+    groups = texts.groups[:, j]
+    assert groups[0] == groups[1] != groups[2]
+    valid = torch.zeros(3, N_ANATOMIES, dtype=torch.bool)
+    valid[:, j] = True
+    normal = torch.zeros_like(valid)
+    group = torch.from_numpy(texts.groups)
+    img = torch.zeros(3, N_ANATOMIES, 3)
+    img[:, j] = torch.eye(3)
+    pos = calibrated_targets(valid, normal, group, calibrate=True)[j]
+    assert pos.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    loss = alignment_loss(img, img.clone(), valid, calibrated_targets(valid, normal, group), torch.tensor(0.0))
+    assert loss.item() == pytest.approx(math.log(E + 2) - 2 / 3, abs=1e-6)
+    plain = alignment_loss(img, img.clone(), valid, calibrated_targets(valid, normal, group, False), torch.tensor(0.0))
+    assert plain.item() == pytest.approx(math.log(E + 2) - 1, abs=1e-6)
+
+
+def test_a_normal_and_an_abnormal_row_are_never_calibrated_together():
+    valid, normal, group = _pairs([True, False], [5, 5])  # same group id, but one normal
+    assert calibrated_targets(valid, normal, group, True)[0].tolist() == [[True, False], [False, True]]
+
+
+def test_rows_without_a_catalog_finding_pair_only_by_identical_text():
+    from ctvlp.training.data import finding_group
+
+    assert finding_group("Lesion in the kidney.", []) == finding_group("Lesion in the kidney.", None)
+    assert finding_group("Lesion in the kidney.", []) != finding_group("Kidney lesion.", [])
+    absent = [{"disease_id": "kidney_cyst", "presence": "absent"}]
+    assert finding_group("No cyst; a lesion.", absent) == ("text", "No cyst; a lesion.")  # absent findings do not count
+    uncertain = [{"disease_id": "kidney_cyst", "presence": "uncertain"}]
+    assert finding_group("Possible cyst.", uncertain) == finding_group("Renal cyst.", [
+        {"disease_id": "kidney_cyst", "presence": "present"}])

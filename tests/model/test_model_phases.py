@@ -229,6 +229,37 @@ def test_perception_starts_as_identity():
     assert not torch.allclose(per(f, q), f)
 
 
+def test_replace_fusion_is_the_mlp_alone_and_residual_adds_f():
+    """fusion "replace" (the paper): f_hat = MLP([f, q]), f enters only through the MLP; "residual":
+    f + the same MLP. With the same MLP weights the two differ by exactly f."""
+    torch.manual_seed(0)
+    replace, residual = PerceptionMLP(6, fusion="replace"), PerceptionMLP(6, fusion="residual")
+    residual.load_state_dict(replace.state_dict())
+    f, q = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    assert torch.allclose(residual(f, q) - replace(f, q), f, atol=1e-6)
+    assert not torch.allclose(replace(f, q), f)  # not the identity at the start
+    with torch.no_grad():  # an MLP that outputs 0: replace gives 0 whatever f is, residual gives f
+        replace.mlp[-1].weight.zero_()
+        replace.mlp[-1].bias.zero_()
+    assert torch.equal(replace(f, q), torch.zeros_like(f)) and torch.equal(replace(f * 3, q), torch.zeros_like(f))
+    with pytest.raises(ValueError, match="fusion"):
+        PerceptionMLP(6, fusion="sum")
+
+
+@pytest.mark.parametrize("fusion", ["residual", "replace"])
+def test_the_boosted_image_path_uses_the_configured_fusion(fusion):
+    torch.manual_seed(0)
+    model = CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), embed_dim=16, heads=2, vq_codes=4, vq_dim=8,
+                                            vq_depth=1, vq_heads=2, text_max_length=32, fusion=fusion)).eval()
+    assert model.perception.fusion == fusion
+    image, anatomy = _volume(3)
+    with torch.no_grad():
+        fvlm, _ = model.encode_image(image, anatomy, boost=False)
+        boosted, _ = model.encode_image(image, anatomy, boost=True)
+    same = torch.allclose(fvlm, boosted, atol=1e-6)
+    assert same if fusion == "residual" else not same  # residual starts at the fVLM embedding
+
+
 @pytest.fixture(scope="module")
 def vq_model():
     torch.manual_seed(0)

@@ -39,7 +39,8 @@ def ddp_case(empty_half: bool):
     tidx = torch.randint(0, len(TEXTS), (4, N_ANATOMIES), generator=g).masked_fill(~valid, -1)
     batch = {"image": torch.rand(4, 1, 32, 32, 32, generator=g),
              "anatomy": torch.randint(0, N_ANATOMIES + 1, (4, 32, 32, 32), generator=g, dtype=torch.uint8),
-             "valid": valid, "normal": torch.rand(4, N_ANATOMIES, generator=g) < 0.5, "text_idx": tidx}
+             "valid": valid, "normal": torch.rand(4, N_ANATOMIES, generator=g) < 0.5, "text_idx": tidx,
+             "group": tidx}  # calibration groups: here the texts themselves
     return model, TextBank(model, TEXTS, CPU), batch
 
 

@@ -315,7 +315,7 @@ def _disease(disease, disease_catalog: str) -> catalog.Disease:
 
 @torch.no_grad()
 def activation_map(model, image, anatomy, disease, device, mode: str = "nearest", disease_catalog: str = "demo",
-                   single_token_pool: bool = False) -> np.ndarray:
+                   single_token_pool: bool = False, prompt_style: str | None = None) -> np.ndarray:
     """(X, Y, Z) float32 map of one disease on one volume: for every feature-map token of the
     disease's anatomy, cos(vis_proj_j(token), positive prompt embedding of the disease) with j the
     anatomy; NaN outside the anatomy's voxels, in [-1, 1] inside.
@@ -347,7 +347,8 @@ def activation_map(model, image, anatomy, disease, device, mode: str = "nearest"
         allowed = torch.ones(len(tok), 1, 1, dtype=torch.bool, device=tok.device)
         tok = model.vis_pool(tok.unsqueeze(1), allowed, idx.unsqueeze(1)).squeeze(1)
     emb = F.normalize(model.vis_proj(tok, idx), dim=-1)
-    sim = (emb @ prompt_embedding(model, d.positive_prompts, j).to(emb.device)).clamp(-1, 1).float()
+    positive = d.prompts_of(prompt_style)[0]
+    sim = (emb @ prompt_embedding(model, positive, j).to(emb.device)).clamp(-1, 1).float()
     stride = model.vision.stride
     padded = tuple(-(-s // stride) * stride for s in image.shape)
     feat = tuple(p // stride for p in padded)
@@ -419,7 +420,8 @@ def top_positive_cases(pred: pl.DataFrame, n: int) -> pl.DataFrame:
                       & pl.col("score").is_not_null())
     best = pos.sort(["score", "case_id"], descending=[True, False]).unique("disease_id", keep="first",
                                                                            maintain_order=True)
-    return best.head(n).select("case_id", "disease_id", "disease", "anatomy", "score")
+    extra = ["prompt_style"] if "prompt_style" in best.columns else []
+    return best.head(n).select("case_id", "disease_id", "disease", "anatomy", "score", *extra)
 
 
 def make_all(model_dir, predictions, cases_table, ground_truth, out_dir, disease_catalog: str,
@@ -489,7 +491,8 @@ def make_all(model_dir, predictions, cases_table, ground_truth, out_dir, disease
             sl = anatomy_crop(boxes[d.anatomy], img.shape, crop_size)
             img, anat_map = img[sl], anat_map[sl]
         img, anat_map = np.asarray(img, np.float32), np.asarray(anat_map)
-        amap = activation_map(model, img, anat_map, d, device, mode=map_mode)
+        style = r.get("prompt_style")  # the one the evaluation chose on validation
+        amap = activation_map(model, img, anat_map, d, device, mode=map_mode, prompt_style=style)
         items.append(MapPanel(f"{r['case_id']}: {d.name} (score {r['score']:.2f})", img, amap,
                               anat_map == catalog.anatomy_by_name(d.anatomy).index))
     paths["activation_maps"] = plot_activation_maps(items, out_dir / "activation_maps.png")

@@ -14,6 +14,29 @@ from tabulate import tabulate
 METRICS = ["auc", "sensitivity", "specificity", "accuracy", "precision", "f1"]
 
 
+def choose_prompt_style(by_style: dict[str, pl.DataFrame], requested: str = "auto") -> tuple[str, pl.DataFrame]:
+    """The prompt style to evaluate with: the one whose predictions have the highest mean AUC over
+    the diseases of the VALIDATION split (where both classes occur; ties go to the earlier style),
+    or ``requested`` when it names a style. Test rows are never read. Returns the style and a
+    table (style, val_mean_auc, val_diseases, chosen)."""
+    rows = []
+    for style, pred in by_style.items():
+        val = pred.filter((pl.col("split") == "val") & pl.col("evaluable"))
+        aucs = [roc_auc_score(g["label"].to_numpy(), g["score"].to_numpy())
+                for _, g in val.group_by("disease_id", maintain_order=True) if g["label"].n_unique() == 2]
+        rows.append({"style": style, "val_mean_auc": float(np.mean(aucs)) if aucs else float("nan"),
+                     "val_diseases": len(aucs)})
+    if requested != "auto":
+        if requested not in by_style:
+            raise ValueError(f"evaluate.prompt_style {requested!r} is not a style of the catalog ({', '.join(by_style)})")
+        chosen = requested
+    else:
+        scored = [r for r in rows if not np.isnan(r["val_mean_auc"])]
+        chosen = max(scored, key=lambda r: r["val_mean_auc"])["style"] if scored else rows[0]["style"]
+    table = pl.DataFrame(rows).with_columns((pl.col("style") == chosen).alias("chosen"))
+    return chosen, table
+
+
 def choose_threshold(y: np.ndarray, score: np.ndarray, rule: str = "youden") -> float:
     """Operating point on one split: Youden's J or the ROC point closest to (0, 1)."""
     if len(np.unique(y)) < 2:
@@ -88,7 +111,7 @@ def bootstrap_auc(pred: pl.DataFrame, n_resamples: int = 1000, level: float = 0.
 
 
 def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot",
-                 mean_ci=(float("nan"), float("nan"))) -> dict[str, Path]:
+                 mean_ci=(float("nan"), float("nan")), note: str = "") -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # the mean row averages each metric over the diseases where it is defined (a disease without
@@ -99,11 +122,11 @@ def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot
                         pl.lit(mean_ci[1]).alias("auc_ci_high"), pl.lit(None, dtype=pl.Float64).alias("threshold"),
                         pl.col("test_positives").sum(), pl.col("test_evaluable").sum(),
                         pl.col("test_not_evaluable").sum())
-    full = pl.concat([table, mean], how="vertical_relaxed")
+    full = pl.concat([table, mean], how="diagonal_relaxed")
     paths = {"csv": out_dir / f"{stem}.csv", "parquet": out_dir / f"{stem}.parquet", "md": out_dir / f"{stem}.md"}
     full.write_csv(paths["csv"])
     full.write_parquet(paths["parquet"])
-    paths["md"].write_text(markdown(full))
+    paths["md"].write_text((note + "\n\n" if note else "") + markdown(full))
     # per organ (the paper's Table 2) and local vs diffuse (its Table 8): means over diseases
     for by in ("organ", "type"):
         summary = (table.group_by(by, maintain_order=True)

@@ -15,13 +15,20 @@ def evaluate_zeroshot(settings: dict, model_dir, cases, ground_truth, out_dir) -
     """predictions.parquet and the zero-shot tables (zeroshot.{md,csv,parquet}, by organ and type).
     ``cases``: qc/cases.parquet (as for every function here)."""
     evaluate = settings["evaluate"]
-    pred = zeroshot.predict(model_dir, cases, ground_truth, evaluate["catalog"], settings["train"]["device"],
-                            crop_size(settings))
+    pred, styles = zeroshot.predict(model_dir, cases, ground_truth, evaluate["catalog"], settings["train"]["device"],
+                                    crop_size(settings), evaluate["prompt_style"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred.write_parquet(out / "predictions.parquet")
+    styles.write_csv(out / "prompt_styles.csv")
+    style = styles.filter(pl.col("chosen"))["style"][0]
+    how = "chosen on the validation split" if evaluate["prompt_style"] == "auto" else "set by evaluate.prompt_style"
+    note = (f"Prompt style: **{style}** ({how}; mean validation AUC per style: "
+            + ", ".join(f"{r['style']} {r['val_mean_auc']:.3f}" for r in styles.iter_rows(named=True)) + ").")
     table, mean_ci = metrics.metrics_table(pred, evaluate["threshold"], evaluate["bootstrap"], settings["seed"])
-    return metrics.write_tables(table, out, mean_ci=mean_ci)
+    paths = metrics.write_tables(table.with_columns(pl.lit(style).alias("prompt_style")), out, mean_ci=mean_ci,
+                                 note=note)
+    return {**paths, "prompt_styles": out / "prompt_styles.csv"}
 
 
 def linear_probe(settings: dict, model_dir, cases, reports, ground_truth, out_dir) -> dict[str, Path]:

@@ -11,9 +11,10 @@ import torch
 from .. import catalog
 from ..imaging.storage import paths_from
 from ..model.io import load_model, pick_device
-from ..model.zeroshot import disease_scores
+from ..model.zeroshot import disease_scores, prompt_styles
 from .embed import embed_cases
-from .schema import NOT_EVALUABLE_ANATOMY, NoLabelsError
+from .metrics import choose_prompt_style
+from .schema import NOT_EVALUABLE_ANATOMY, PREDICTION_SCHEMA, NoLabelsError
 
 
 def read_ground_truth(ground_truth) -> pl.DataFrame:
@@ -28,11 +29,29 @@ def read_ground_truth(ground_truth) -> pl.DataFrame:
     return truth
 
 
+def _rows(model, emb, complete, ids, splits, disease_catalog: str, style: str) -> pl.DataFrame:
+    rows = []
+    for d, scores in disease_scores(model, emb, disease_catalog, style):
+        j = catalog.anatomy_by_name(d.anatomy).index - 1
+        for case_id, split, score, ok in zip(ids, splits, scores, complete[:, j]):
+            rows.append({"case_id": case_id, "split": split, "disease_id": d.id, "disease": d.name,
+                         "anatomy": d.anatomy, "organ": d.organ, "type": d.type, "evaluable": bool(ok),
+                         "reason": None if ok else NOT_EVALUABLE_ANATOMY,
+                         "score": float(score) if ok else None, "prompt_style": style})
+    return pl.DataFrame(rows, schema={**PREDICTION_SCHEMA, "prompt_style": pl.Utf8})
+
+
 @torch.no_grad()
-def predict(model_dir, cases, ground_truth, disease_catalog: str, device="auto", crop_size=None) -> pl.DataFrame:
-    """One row per (case in val/test, disease): score, or evaluable=False with the reason.
+def predict(model_dir, cases, ground_truth, disease_catalog: str, device="auto", crop_size=None,
+            prompt_style: str = "auto") -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Zero-shot predictions: one row per (case in val/test, disease) with its score, or
+    evaluable=False with the reason, and the ground-truth label; and the prompt-style table.
+
     cases: qc/cases.parquet (the cases and their folders); crop_size: None = whole volumes, else
-    anatomy-centred crops (``embed_cases``)."""
+    anatomy-centred crops (``embed_cases``). prompt_style "auto": every style of the catalog is
+    scored and the one with the highest mean AUC on the VALIDATION split is kept
+    (``metrics.choose_prompt_style``; test labels play no part); else the named style.
+    """
     truth = read_ground_truth(ground_truth)  # before anything is loaded: no labels, no evaluation
     device = pick_device(device)
     model = load_model(model_dir, device)
@@ -42,19 +61,15 @@ def predict(model_dir, cases, ground_truth, disease_catalog: str, device="auto",
     embs = embed_cases(model, [paths[c] for c in ids], device, crop_size)
     emb = torch.from_numpy(np.stack([embs[c][0] for c in ids])).to(device)  # (cases, M, D)
     complete = np.stack([embs[c][1] for c in ids])  # (cases, M)
-    rows = []
-    for d, scores in disease_scores(model, emb, disease_catalog):
-        j = catalog.anatomy_by_name(d.anatomy).index - 1
-        for case_id, split, score, ok in zip(ids, splits, scores, complete[:, j]):
-            rows.append({"case_id": case_id, "split": split, "disease_id": d.id, "disease": d.name,
-                         "anatomy": d.anatomy, "organ": d.organ, "type": d.type, "evaluable": bool(ok),
-                         "reason": None if ok else NOT_EVALUABLE_ANATOMY,
-                         "score": float(score) if ok else None})
-    pred = pl.DataFrame(rows, infer_schema_length=None)
     labels = truth.select("case_id", "disease_id", pl.col("label").cast(pl.Int8))
-    pred = pred.join(labels, on=["case_id", "disease_id"], how="left")
-    missing = pred.filter(pl.col("label").is_null())
-    if len(missing):
-        raise ValueError(f"ground truth lacks {len(missing)} (case, disease) pairs, e.g. "
-                         f"{missing.row(0, named=True)['case_id']}/{missing.row(0, named=True)['disease_id']}")
-    return pred
+    by_style = {}
+    for style in prompt_styles(disease_catalog):
+        pred = _rows(model, emb, complete, ids, splits, disease_catalog, style)
+        pred = pred.join(labels, on=["case_id", "disease_id"], how="left")
+        missing = pred.filter(pl.col("label").is_null())
+        if len(missing):
+            raise ValueError(f"ground truth lacks {len(missing)} (case, disease) pairs, e.g. "
+                             f"{missing.row(0, named=True)['case_id']}/{missing.row(0, named=True)['disease_id']}")
+        by_style[style] = pred
+    chosen, choice = choose_prompt_style(by_style, prompt_style)
+    return by_style[chosen], choice

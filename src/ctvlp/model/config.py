@@ -31,6 +31,7 @@ class ModelConfig:
     vq_heads: int
     vq_beta: float
     vq_decay: float
+    fusion: str  # phase 4: "residual" f + MLP([f, q]) or the paper's "replace" MLP([f, q])
     global_head: bool
 
     @classmethod

@@ -25,7 +25,7 @@ class AnatomyRows(NamedTuple):
 
     valid: torch.Tensor  # (B, M) bool: the anatomy is complete in the crop and has a text
     normal: torch.Tensor  # (B, M) bool: the report calls it normal
-    groups: torch.Tensor  # (B, M) long: rows with the same group id have the same text
+    groups: torch.Tensor  # (B, M) long: abnormal rows with the same group id state the same findings
 
 
 class AlignmentLoss(nn.Module):
@@ -54,20 +54,24 @@ class InstanceContrastLoss(nn.Module):
         return instance_contrastive_loss(a, b, rows.valid, logit_scale)
 
 
-def calibrated_targets(valid: torch.Tensor, normal: torch.Tensor, text_ids: torch.Tensor,
+def calibrated_targets(valid: torch.Tensor, normal: torch.Tensor, groups: torch.Tensor,
                        calibrate: bool = True) -> torch.Tensor:
-    """fVLM false-negative calibration. valid, normal (B, M) bool; text_ids (B, M) int (same id = same text).
+    """fVLM false-negative calibration. valid, normal (B, M) bool; groups (B, M) int: abnormal rows
+    of an anatomy with the same group state the same findings (``training.data.finding_group``: the
+    same set of catalog diseases, or the same text when they name none).
 
-    Returns (M, B, B) positive-pair indicators: the pair itself, and with calibration also
-    normal-normal pairs and pairs with identical text, of the same anatomy, both valid.
+    Returns (M, B, B) positive-pair indicators: the pair itself, and with calibration also every
+    normal-normal pair and every abnormal-abnormal pair of the same group, of the same anatomy,
+    both valid.
     """
     b = valid.shape[0]
     eye = torch.eye(b, dtype=torch.bool, device=valid.device).unsqueeze(0)
-    v, nrm, tid = valid.T, normal.T, text_ids.T  # (M, B)
+    v, nrm, grp = valid.T, normal.T, groups.T  # (M, B)
     pos = eye.expand(v.shape[0], -1, -1).clone()
     if calibrate:
         pos |= nrm.unsqueeze(2) & nrm.unsqueeze(1)
-        pos |= tid.unsqueeze(2) == tid.unsqueeze(1)
+        abnormal = ~nrm
+        pos |= (grp.unsqueeze(2) == grp.unsqueeze(1)) & abnormal.unsqueeze(2) & abnormal.unsqueeze(1)
     return pos & v.unsqueeze(2) & v.unsqueeze(1)
 
 

@@ -50,7 +50,7 @@ class CTVLP(nn.Module):
         if config.vq_codes:
             self.vqvae = NormalityVQVAE(cv, m, config.vq_codes, config.vq_dim, depth=config.vq_depth,
                                         heads=config.vq_heads, beta=config.vq_beta, decay=config.vq_decay)
-            self.perception = PerceptionMLP(cv)
+            self.perception = PerceptionMLP(cv, fusion=config.fusion)
             # saved with the weights, so a phase-4 checkpoint encodes with the boost when reloaded
             self.register_buffer("boost_on", torch.tensor(False))
         self.vis_global = self.txt_global = None

@@ -186,19 +186,29 @@ class NormalityVQVAE(nn.Module):
         }
 
 
-class PerceptionMLP(nn.Module):
-    """f_hat = f + MLP(concat(f, q)), MLP 2C -> hidden -> C with GELU.
+FUSIONS = ("residual", "replace")
 
-    The paper only says "MLP on the concatenation"; the residual form with a zero-initialised last
-    layer makes f_hat = f at the start, so phase 4 begins from the phase-2 model exactly.
+
+class PerceptionMLP(nn.Module):
+    """The abnormality perception module of Sec. 3.3.2 on concat(f, q), MLP 2C -> hidden -> C with GELU.
+
+    fusion "replace" (the paper: "we replace the original embedding f with the output of MLP"):
+    f_hat = MLP(concat(f, q)), PyTorch's default initialisation. fusion "residual":
+    f_hat = f + MLP(concat(f, q)) with a zero-initialised last layer, so f_hat = f at the start and
+    phase 4 begins from the phase-2 model exactly.
     """
 
-    def __init__(self, channels: int, hidden: int | None = None):
+    def __init__(self, channels: int, hidden: int | None = None, fusion: str = "residual"):
         super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, not {fusion!r}")
         hidden = hidden or channels
+        self.fusion = fusion
         self.mlp = nn.Sequential(nn.Linear(2 * channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        if fusion == "residual":
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, f: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return f + self.mlp(torch.cat([f, q], dim=-1))
+        out = self.mlp(torch.cat([f, q], dim=-1))
+        return f + out if self.fusion == "residual" else out

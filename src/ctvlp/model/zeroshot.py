@@ -26,17 +26,24 @@ def prompt_embedding(model: CTVLP, prompts, anatomy_index: int) -> torch.Tensor:
     return F.normalize(model.encode_texts(list(prompts), idx).mean(0), dim=-1)
 
 
+def prompt_styles(disease_catalog: str) -> tuple[str, ...]:
+    """The prompt styles of a catalog (every disease has the same), catalog order."""
+    return catalog.diseases(disease_catalog)[0].prompt_styles
+
+
 @torch.no_grad()
-def disease_scores(model, emb: torch.Tensor, disease_catalog: str):
-    """Yield (disease, P(positive) per row) for every zero-shot disease; emb (N, M, D)."""
+def disease_scores(model, emb: torch.Tensor, disease_catalog: str, style: str | None = None):
+    """Yield (disease, P(positive) per row) for every zero-shot disease; emb (N, M, D). The prompts
+    are the disease's ensemble of ``style`` (default: the catalog's first style)."""
     for d in catalog.diseases(disease_catalog):
         if not d.zero_shot:
             continue
         j = catalog.anatomy_by_name(d.anatomy).index - 1
+        positive, negative = d.prompts_of(style)
         if model.vis_global is not None:
-            pos = F.normalize(model.encode_report_global(list(d.positive_prompts)).mean(0), dim=-1)
-            neg = F.normalize(model.encode_report_global(list(d.negative_prompts)).mean(0), dim=-1)
+            pos = F.normalize(model.encode_report_global(list(positive)).mean(0), dim=-1)
+            neg = F.normalize(model.encode_report_global(list(negative)).mean(0), dim=-1)
         else:
-            pos = prompt_embedding(model, d.positive_prompts, j)
-            neg = prompt_embedding(model, d.negative_prompts, j)
+            pos = prompt_embedding(model, positive, j)
+            neg = prompt_embedding(model, negative, j)
         yield d, zero_shot_scores(emb[:, j], pos, neg, model.logit_scale).float().cpu().numpy()

@@ -4,6 +4,7 @@ complete-organ rule, and the per-anatomy texts and normal/abnormal status from t
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -15,20 +16,39 @@ from ..model.network import CTVLP
 from ..model.vision import N_ANATOMIES
 
 
-def anatomy_texts(reports: pl.DataFrame, case_ids: list[str], unmentioned_as_normal: bool):
-    """Per case and anatomy: text, normal flag and usability, from the parsed reports.
+class AnatomyTexts(NamedTuple):
+    """What the reports say per (case, anatomy) of a split, as training uses it."""
 
-    Returns (texts list of unique strings, text_idx (C, M) int with -1 = unusable, normal (C, M) bool).
-    An anatomy the report does not mention is trained as normal ("The X is unremarkable.") when
-    unmentioned_as_normal, otherwise left out; an unparsed anatomy is always left out.
-    """
+    texts: list[str]  # the unique texts
+    text_idx: np.ndarray  # (C, M) int: index into texts, -1 = no usable text (left out)
+    normal: np.ndarray  # (C, M) bool
+    groups: np.ndarray  # (C, M) int: fVLM's positive groups of abnormal rows (``finding_group``), -1 if none
+
+
+def finding_group(text: str, findings) -> tuple:
+    """The calibration group of an abnormal anatomy (fVLM): the set of catalog diseases its report
+    states as present or uncertain; two abnormal rows of an anatomy with the same set are positives
+    of each other, whatever their wording. Without a catalog finding (an abnormality the catalog does
+    not name), only the same text makes rows positives."""
+    diseases = frozenset(f["disease_id"] for f in findings or () if f["presence"] in ("present", "uncertain"))
+    return ("diseases", tuple(sorted(diseases))) if diseases else ("text", text)
+
+
+def anatomy_texts(reports: pl.DataFrame, case_ids: list[str], unmentioned_as_normal: bool) -> AnatomyTexts:
+    """Per case and anatomy: text, normal flag, usability and calibration group, from the parsed
+    reports. An anatomy the report does not mention is trained as normal ("The X is unremarkable.")
+    when unmentioned_as_normal, otherwise left out; an unparsed anatomy is always left out."""
     order = {a.name: a.index - 1 for a in catalog.anatomies()}
     row_of = {c: i for i, c in enumerate(case_ids)}
     text_idx = np.full((len(case_ids), N_ANATOMIES), -1, dtype=np.int64)
+    groups = np.full((len(case_ids), N_ANATOMIES), -1, dtype=np.int64)
     normal = np.zeros((len(case_ids), N_ANATOMIES), dtype=bool)
     vocab: dict[str, int] = {}
-    sub = reports.filter(pl.col("case_id").is_in(case_ids))
-    for case_id, anatomy, text, status in sub.select("case_id", "anatomy", "text", "status").iter_rows():
+    group_ids: dict[tuple, int] = {}
+    subset = reports.filter(pl.col("case_id").is_in(case_ids))
+    findings = subset["findings"].to_list() if "findings" in subset.columns else [None] * len(subset)
+    for (case_id, anatomy, text, status), found in zip(subset.select("case_id", "anatomy", "text", "status").iter_rows(),
+                                                        findings):
         i, j = row_of[case_id], order[anatomy]
         if status == "not_mentioned" and unmentioned_as_normal:
             text, status = f"The {anatomy.replace('_', ' ')} is unremarkable.", "normal"
@@ -36,16 +56,18 @@ def anatomy_texts(reports: pl.DataFrame, case_ids: list[str], unmentioned_as_nor
             continue
         text_idx[i, j] = vocab.setdefault(text, len(vocab))
         normal[i, j] = status == "normal"
-    return list(vocab), text_idx, normal
+        key = ("normal",) if normal[i, j] else finding_group(text, found)
+        groups[i, j] = group_ids.setdefault(key, len(group_ids))
+    return AnatomyTexts(list(vocab), text_idx, normal, groups)
 
 
 class CropDataset(torch.utils.data.Dataset):
     """Random crops (paper: RandomCrop + RandomFlip). An anatomy counts for a sample only if it is
     complete in the scan and every one of its voxels lies inside the crop."""
 
-    def __init__(self, paths: list[CasePaths], text_idx: np.ndarray, normal: np.ndarray, crop_size,
-                 stride: int, flip: bool, seed: int, random_crop: bool = True):
-        self.paths, self.text_idx, self.normal = paths, text_idx, normal
+    def __init__(self, paths: list[CasePaths], texts: AnatomyTexts, crop_size, stride: int, flip: bool, seed: int,
+                 random_crop: bool = True):
+        self.paths, self.text_idx, self.normal, self.groups = paths, texts.text_idx, texts.normal, texts.groups
         self.crop, self.stride, self.flip, self.random_crop = tuple(crop_size), stride, flip, random_crop
         self.seed, self.epoch = seed, 0
         self.complete = np.zeros((len(paths), N_ANATOMIES), dtype=bool)
@@ -93,6 +115,7 @@ class CropDataset(torch.utils.data.Dataset):
             "valid": torch.from_numpy(valid),
             "normal": torch.from_numpy(self.normal[i].copy()),
             "text_idx": torch.from_numpy(self.text_idx[i].copy()),
+            "group": torch.from_numpy(self.groups[i].copy()),
             "index": i,
         }
 

@@ -108,18 +108,19 @@ class _SavedPhase(PhaseTask):
 def batch_loss(model, bank: TextBank, batch: dict, device, loss: AlignmentLoss,
                gather: bool = False) -> tuple[torch.Tensor, int]:
     """Eq. 1 loss of a batch and its number of valid (sample, anatomy) pairs. gather: over the global
-    batch of all processes (text ids agree across processes: the vocabulary comes from the whole split)."""
+    batch of all processes (group ids agree across processes: they come from the whole split)."""
     image, anatomy = batch["image"].to(device), batch["anatomy"].to(device)
     valid, normal, tidx = batch["valid"].to(device), batch["normal"].to(device), batch["text_idx"].to(device)
+    group = batch["group"].to(device)
     img, _ = model.encode_image(image, anatomy)
     txt = torch.zeros_like(img)
     rows, cols = torch.nonzero(valid, as_tuple=True)
     if len(rows):
         txt[rows, cols] = bank.encode(tidx[rows, cols], cols).to(txt.dtype)
-    t = {"img": img, "txt": txt, "valid": valid, "normal": normal, "tidx": tidx}
+    t = {"img": img, "txt": txt, "valid": valid, "normal": normal, "group": group}
     if gather:
         t = gather_batch(t)
-    value = loss(t["img"], t["txt"], AnatomyRows(t["valid"], t["normal"], t["tidx"]), model.logit_scale)
+    value = loss(t["img"], t["txt"], AnatomyRows(t["valid"], t["normal"], t["group"]), model.logit_scale)
     return value, int(t["valid"].sum())
 
 
@@ -308,9 +309,9 @@ def _split_dataset(cases: pl.DataFrame, reports: pl.DataFrame, split: str, cfg_t
                    flip: bool, seed: int):
     chosen = cases.filter(pl.col("split") == split)
     ids, paths = chosen["case_id"].to_list(), paths_from(chosen)
-    texts, text_idx, normal = anatomy_texts(reports, ids, cfg_train["unmentioned_as_normal"])
-    dataset = CropDataset([paths[c] for c in ids], text_idx, normal, cfg_train["crop_size"], stride, flip, seed, True)
-    return dataset, texts, ids
+    texts = anatomy_texts(reports, ids, cfg_train["unmentioned_as_normal"])
+    dataset = CropDataset([paths[c] for c in ids], texts, cfg_train["crop_size"], stride, flip, seed, True)
+    return dataset, texts.texts, ids
 
 
 def run(phase: str, cases, reports, out_dir, cfg_model: dict | ModelConfig, cfg_train: dict, seed: int,
