@@ -51,7 +51,7 @@ def cmd_validate_config(args):
 def cmd_cohort(args):
     from .cohort.stage import build_cohort
 
-    build_cohort(_settings(args), args.out)
+    build_cohort(_settings(args), args.out, threads=args.threads or 1)
 
 
 def _one_case_or_shard(args) -> bool:
@@ -137,7 +137,10 @@ def cmd_ablation(args):
     from .evaluation.metrics import markdown
     from .evaluation.stage import ablation
 
-    print(markdown(ablation(dict(item.split("=", 1) for item in args.variant), args.out)))
+    settings = _settings(args)
+    table = ablation(dict(item.split("=", 1) for item in args.variant), args.out, settings["evaluate"]["bootstrap"],
+                     settings["seed"])
+    print(markdown(table))
 
 
 def cmd_predict(args):
@@ -209,7 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-model", default=None, help="a model without VSDB, e.g. results/train/align")
     p.add_argument("--n-cases", type=int, default=100, help="test cases in the t-SNE")
     p = add("ablation", cmd_ablation, "the ablation table from each variant's zeroshot.csv")
-    p.add_argument("--variant", action="append", required=True, help="NAME=path/to/zeroshot.csv (repeat)")
+    p.add_argument("--variant", action="append", required=True,
+                   help="NAME=folder with its zeroshot.csv and predictions.parquet (repeat; fvlm is the reference)")
     p.add_argument("--out", required=True, help="ablation.md (and .csv beside it)")
     p = add("predict", cmd_predict, "per-disease probabilities and decisions for one CT scan", "--model")
     p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")

@@ -343,3 +343,23 @@ def test_package_modules_import_one_way():
             if isinstance(node, ast.ImportFrom) and node.level == 0:
                 assert not (node.module or "").startswith("ctvlp.cohort.demo"), (name, node.module)
         assert len(text.splitlines()) <= 500, name
+
+
+def test_extra_test_cases_leave_the_training_cases_as_they_were(tmp_path, monkeypatch):
+    """cohort.test_cases: more cases, all in the test split, after the n_cases; the first n_cases
+    (their splits, images, reports) are exactly those of the cohort without them, and rendering in
+    parallel changes nothing."""
+    monkeypatch.chdir(tmp_path)
+    base = pl.read_parquet(write_cohort("a", 10, SEED))
+    more = pl.read_parquet(write_cohort("b", 10, SEED, extra_test=3, workers=2))
+    assert more.height == 13 and more["split"][10:].to_list() == ["test"] * 3
+    same = ["case_id", "split", "report_text", "spacing_x", "shape_z"]
+    assert more.head(10).select(same).equals(base.select(same))
+    assert more["case_id"][10:].to_list() == [f"demo_{i:04d}" for i in (10, 11, 12)]
+    for case in ("demo_0003", "demo_0012"):
+        if case in base["case_id"].to_list():
+            a = nib.load(f"a/images/{case}.nii.gz").get_fdata()
+            b = nib.load(f"b/images/{case}.nii.gz").get_fdata()
+            assert np.array_equal(a, b)
+    truth = pl.read_parquet("b/ground_truth.parquet")
+    assert set(truth["case_id"]) == set(more["case_id"])

@@ -132,16 +132,20 @@ def test_ablation_table_reads_each_variants_table(tmp_path):
     from ctvlp import cli
 
     paths = {}
-    for variant, aucs in (("fvlm", [0.6, 0.8, 0.7]), ("visd", [0.9, 0.5, 0.4])):
+    for seed, (variant, aucs) in enumerate((("fvlm", [0.6, 0.8, 0.7]), ("visd", [0.9, 0.5, 0.4]))):
         t = pl.DataFrame({"disease_id": ["a", "b", "c", "mean"], "type": ["local", "diffuse", "diffuse", ""],
                           "auc": aucs + [float(np.mean(aucs))], "auc_ci_low": [0.0] * 3 + [0.1],
                           "auc_ci_high": [1.0] * 3 + [0.9], "sensitivity": [0.5] * 4, "specificity": [0.5] * 4,
                           "accuracy": [0.5] * 4})
-        paths[variant] = tmp_path / f"{variant}.csv"
-        t.write_csv(paths[variant])
-    cli.main(["ablation", "--variant", f"fvlm={paths['fvlm']}", "--variant", f"visd={paths['visd']}",
-              "--out", str(tmp_path / "ablation.md")])
+        paths[variant] = tmp_path / variant
+        paths[variant].mkdir()
+        t.write_csv(paths[variant] / "zeroshot.csv")
+        _pred(seed).write_parquet(paths[variant] / "predictions.parquet")
+    (tmp_path / "config.yaml").write_text("evaluate: {bootstrap: 50}\n")
+    cli.main(["ablation", "--config", str(tmp_path / "config.yaml"), "--variant", f"fvlm={paths['fvlm']}",
+              "--variant", f"visd={paths['visd']}", "--out", str(tmp_path / "ablation.md")])
     table = pl.read_csv(tmp_path / "ablation.csv")
+    assert np.isnan(table["diff_vs_fvlm"][0]) and table["diff_ci_low"][1] <= table["diff_vs_fvlm"][1] <= table["diff_ci_high"][1]
     assert table["variant"].to_list() == ["fvlm", "visd"]
     assert table["auc"].to_list() == pytest.approx([0.7, 0.6])
     assert table["auc_local"].to_list() == pytest.approx([0.6, 0.9])
@@ -167,3 +171,30 @@ def test_anatomy_crops_without_boxes_stop_instead_of_scoring_zeros(tiny_cohort):
     assert whole[1].any() and np.isfinite(whole[0]).all()
     with pytest.raises(ValueError, match="anatomy's box"):
         embed_cases(model, [paths], "cpu", crop_size=(16, 16, 16))
+
+
+def test_weighted_auc_equals_scikit_learn_on_the_repeated_cases():
+    rng = np.random.default_rng(5)
+    y = rng.random(40) < 0.4
+    s = np.round(rng.random(40), 1)  # ties
+    weights = np.stack([np.bincount(rng.integers(0, 40, 40), minlength=40) for _ in range(30)] + [np.ones(40, int)])
+    got = metrics.weighted_auc(y.astype(int), s, weights)
+    for w, auc in zip(weights, got):
+        yy, ss = np.repeat(y, w), np.repeat(s, w)
+        if len(np.unique(yy)) == 2:
+            assert auc == pytest.approx(skm.roc_auc_score(yy, ss), abs=1e-12)
+        else:
+            assert np.isnan(auc)
+    assert np.isnan(metrics.weighted_auc(np.zeros(5, int), np.arange(5.0), np.ones((1, 5))))[0]
+
+
+def test_paired_difference_resamples_the_same_cases_for_both():
+    pred = _pred(1, n=400)
+    diff, low, high = metrics.paired_difference(pred, pred, 200)
+    assert diff == 0 and low == 0 and high == 0  # the same predictions: no difference in any resample
+    better = pred.with_columns(score=pl.when(pl.col("evaluable")).then(0.7 * pl.col("label") + 0.3 * pl.col("score")))
+    diff, low, high = metrics.paired_difference(better, pred, 200)
+    assert 0 < low <= diff <= high
+    # paired: narrower than the difference of two independent CIs would be
+    _, (a_low, a_high) = metrics.bootstrap_auc(better, 200)
+    assert high - low < a_high - a_low + (metrics.bootstrap_auc(pred, 200)[1][1] - metrics.bootstrap_auc(pred, 200)[1][0])

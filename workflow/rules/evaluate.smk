@@ -108,21 +108,29 @@ rule figures:
         " --cases {input.cases:q} --ground-truth {input.ground_truth:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
+ABLATION_VARIANTS = {"clip": "eval/ablation/clip", "fvlm": "eval/ablation/fvlm", "fvlm_icl": "eval/ablation/fvlm_icl",
+                     "fvlm_dcl": "eval/ablation/fvlm_dcl", "visd": "eval"}
+
+
 rule ablation:
     input:
-        visd=results_path("eval/zeroshot.csv"),
-        **{v: results_path(f"eval/ablation/{v}/zeroshot.csv") for v in ("clip", "fvlm", "fvlm_icl", "fvlm_dcl")},
+        **{f"{v}_table": results_path(f"{d}/zeroshot.csv") for v, d in ABLATION_VARIANTS.items()},
+        **{f"{v}_predictions": results_path(f"{d}/predictions.parquet") for v, d in ABLATION_VARIANTS.items()},
     output:
         table=report(results_path("eval/ablation.md"), caption="../report/ablation.rst", category="Zero-shot diagnosis"),
         csv=results_path("eval/ablation.csv"),
+    params:
+        **settings("evaluate.bootstrap", "seed"),
+        variants=lambda w, input: " ".join(f"--variant {v}={shlex.quote(str(Path(input[f'{v}_table']).parent))}"
+                                           for v in ABLATION_VARIANTS),
     log:
         results_path("logs/ablation.log"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=2000,
+        runtime=30,
     conda:
         "../../envs/train.yaml"
     shell:
-        "ctvlp ablation --threads {threads} --variant clip={input.clip:q} --variant fvlm={input.fvlm:q} --variant fvlm_icl={input.fvlm_icl:q}"
-        " --variant fvlm_dcl={input.fvlm_dcl:q} --variant visd={input.visd:q} --out {output.table:q} > {log:q} 2>&1"
+        "ctvlp ablation --config {params.config_file:q} --sections {params.sections} --threads {threads}"
+        " {params.variants} --out {output.table:q} > {log:q} 2>&1"

@@ -12,14 +12,15 @@ from .schema import write
 log = logging.getLogger(__name__)
 
 
-def build_cohort(settings: dict, out_dir) -> dict[str, Path]:
+def build_cohort(settings: dict, out_dir, threads: int = 1) -> dict[str, Path]:
     """Write the cohort of ``settings`` (sections cohort, seed, evaluate.catalog) into ``out_dir``;
-    returns the paths written."""
+    returns the paths written. ``threads``: processes that render the demo cohort."""
     cohort, seed = settings["cohort"], settings["seed"]
     if cohort["source"] == "demo":
         from .demo import write_cohort
 
-        path = write_cohort(out_dir, n_cases=cohort["n_cases"], seed=seed, split=tuple(cohort["split"]))
+        path = write_cohort(out_dir, n_cases=cohort["n_cases"], seed=seed, split=tuple(cohort["split"]),
+                            extra_test=cohort["test_cases"], workers=threads)
         return {"manifest": path}
     if cohort["source"] == "ctrate":
         source = cohort["ctrate"]

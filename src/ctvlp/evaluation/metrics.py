@@ -78,36 +78,82 @@ def metrics_table(pred: pl.DataFrame, rule: str = "youden", n_resamples: int = 1
     return pl.DataFrame(rows), mean_ci
 
 
+def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of one disease under each row of ``weights`` (R, n) (a bootstrap resample: how often
+    each case was drawn), as roc_auc_score on the repeated cases gives it (ties count half), for all
+    resamples at once; NaN where a resample has one class only."""
+    order = np.argsort(scores, kind="stable")
+    scores, labels, weights = scores[order], labels[order].astype(bool), weights[:, order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, np.diff(scores) != 0])  # groups of tied scores
+    pos = np.add.reduceat(weights * labels, starts, axis=1)
+    neg = np.add.reduceat(weights * ~labels, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negatives scored strictly lower
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos * (below + 0.5 * neg)).sum(1) / (n_pos * n_neg)
+    auc[(n_pos == 0) | (n_neg == 0)] = np.nan
+    return auc
+
+
+def _resampled_aucs(pred: pl.DataFrame, cases: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """{disease: (R,) AUC per resample} of the evaluable test rows of ``pred``."""
+    col = {c: i for i, c in enumerate(cases)}
+    test = pred.filter((pl.col("split") == "test") & pl.col("evaluable"))
+    out = {}
+    for (d,), g in test.group_by(["disease_id"], maintain_order=True):
+        idx = np.array([col[c] for c in g["case_id"]])
+        out[d] = weighted_auc(g["label"].to_numpy(), g["score"].to_numpy(), weights[:, idx])
+    return out
+
+
+def _resample_weights(n_cases: int, n_resamples: int, seed: int) -> np.ndarray:
+    """(R, n) how often each test case is drawn in each bootstrap resample (seeded)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, n_cases, n_cases), minlength=n_cases) for _ in range(n_resamples)])
+
+
+def _test_cases(pred: pl.DataFrame) -> np.ndarray:
+    test = pred.filter((pl.col("split") == "test") & pl.col("evaluable"))
+    return np.array(sorted(set(test["case_id"].to_list())))
+
+
 def bootstrap_auc(pred: pl.DataFrame, n_resamples: int = 1000, level: float = 0.95, seed: int = 0):
     """Percentile bootstrap over test CASES (one resample serves every disease, so the mean over
     diseases keeps its within-case correlation). Returns ({disease_id: (low, high)}, (low, high) of
     the mean AUC). A resample where a disease has one class only leaves that disease out of it."""
-    test = pred.filter((pl.col("split") == "test") & pl.col("evaluable"))
-    cases = np.array(sorted(set(test["case_id"].to_list())))
+    cases = _test_cases(pred)
     if len(cases) == 0:
         return {}, (float("nan"), float("nan"))
-    col = {c: i for i, c in enumerate(cases)}
-    per = {}
-    for (d,), g in test.group_by(["disease_id"], maintain_order=True):
-        per[d] = (np.array([col[c] for c in g["case_id"]]), g["label"].to_numpy(), g["score"].to_numpy())
-    rng = np.random.default_rng(seed)
-    aucs = {d: [] for d in per}
-    means = []
-    for _ in range(n_resamples):
-        weight = np.bincount(rng.integers(0, len(cases), len(cases)), minlength=len(cases))
-        vals = []
-        for d, (idx, y, s) in per.items():
-            w = weight[idx]
-            yy, ss = np.repeat(y, w), np.repeat(s, w)
-            if len(np.unique(yy)) == 2:
-                v = roc_auc_score(yy, ss)
-                aucs[d].append(v)
-                vals.append(v)
-        if vals:
-            means.append(np.mean(vals))
+    aucs = _resampled_aucs(pred, cases, _resample_weights(len(cases), n_resamples, seed))
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    ci = {d: tuple(np.percentile(v, q)) if v else (float("nan"), float("nan")) for d, v in aucs.items()}
-    return ci, tuple(np.percentile(means, q)) if means else (float("nan"), float("nan"))
+    nan = (float("nan"), float("nan"))
+    ci = {d: tuple(np.percentile(v[~np.isnan(v)], q)) if (~np.isnan(v)).any() else nan for d, v in aucs.items()}
+    stacked = np.stack(list(aucs.values())) if aucs else np.full((1, n_resamples), np.nan)
+    defined = (~np.isnan(stacked)).any(0)
+    means = np.nanmean(stacked[:, defined], axis=0) if defined.any() else np.array([])
+    return ci, tuple(np.percentile(means, q)) if len(means) else nan
+
+
+def paired_difference(pred: pl.DataFrame, reference: pl.DataFrame, n_resamples: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean test AUC of ``pred`` minus that of ``reference`` on the same cases, with a paired
+    percentile bootstrap CI: each resample draws the test cases once and scores both on them; the
+    mean runs over the diseases defined for both (both classes present) in that resample."""
+    cases = np.array(sorted(set(_test_cases(pred)) & set(_test_cases(reference))))
+    if len(cases) == 0:
+        return float("nan"), float("nan"), float("nan")
+    ones = np.ones((1, len(cases)))
+    point = [_resampled_aucs(p, cases, ones) for p in (pred, reference)]
+    shared = [d for d in point[0] if d in point[1] and not np.isnan(point[0][d][0]) and not np.isnan(point[1][d][0])]
+    diff = float(np.mean([point[0][d][0] for d in shared]) - np.mean([point[1][d][0] for d in shared]))
+    weights = _resample_weights(len(cases), n_resamples, seed)
+    a, b = (_resampled_aucs(p, cases, weights) for p in (pred, reference))
+    both = np.stack([a[d] for d in shared]), np.stack([b[d] for d in shared])
+    ok = ~np.isnan(both[0]) & ~np.isnan(both[1])
+    diffs = np.array([both[0][ok[:, r], r].mean() - both[1][ok[:, r], r].mean() for r in range(n_resamples)
+                      if ok[:, r].any()])
+    low, high = np.percentile(diffs, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return diff, float(low), float(high)
 
 
 def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot",
@@ -152,17 +198,27 @@ ABLATION = {  # variant -> the paper's Table 5 wording
 }
 
 
-def ablation_table(tables: dict[str, str | Path]) -> pl.DataFrame:
-    """One row per variant from its zeroshot.csv: mean test AUC with its 95% bootstrap CI, mean
-    AUC over local and over diffuse diseases, mean sensitivity/specificity/accuracy."""
+def ablation_table(variants: dict[str, str | Path], reference: str = "fvlm", n_resamples: int = 1000,
+                   seed: int = 0) -> pl.DataFrame:
+    """One row per variant from its evaluation folder (zeroshot.csv, predictions.parquet): mean test
+    AUC with its 95% bootstrap CI, mean AUC over local and over diffuse diseases, mean
+    sensitivity/specificity/accuracy, and the difference of its mean AUC to ``reference`` with a
+    paired bootstrap CI (both scored on the same resampled test cases)."""
     rows = []
-    for variant, path in tables.items():
-        t = pl.read_csv(path)
+    base = pl.read_parquet(Path(variants[reference]) / "predictions.parquet") if reference in variants else None
+    for variant, folder in variants.items():
+        t = pl.read_csv(Path(folder) / "zeroshot.csv")
         diseases, mean = t.filter(pl.col("disease_id") != "mean"), t.filter(pl.col("disease_id") == "mean").row(0, named=True)
         by_type = {ty: diseases.filter(pl.col("type") == ty)["auc"].fill_nan(None).mean() for ty in ("local", "diffuse")}
+        pred = pl.read_parquet(Path(folder) / "predictions.parquet")
+        diff = (float("nan"),) * 3
+        if base is not None and variant != reference:
+            diff = paired_difference(pred, base, n_resamples, seed=seed)
         rows.append({"variant": variant, "method": ABLATION.get(variant, variant), "auc": mean["auc"],
                      "auc_ci_low": mean["auc_ci_low"], "auc_ci_high": mean["auc_ci_high"],
+                     f"diff_vs_{reference}": diff[0], "diff_ci_low": diff[1], "diff_ci_high": diff[2],
                      "auc_local": by_type["local"], "auc_diffuse": by_type["diffuse"],
                      "sensitivity": mean["sensitivity"], "specificity": mean["specificity"],
-                     "accuracy": mean["accuracy"], "diseases": len(diseases)})
+                     "accuracy": mean["accuracy"], "test_cases": len(_test_cases(pred)), "diseases": len(diseases),
+                     "prompt_style": diseases["prompt_style"][0] if "prompt_style" in diseases.columns else None})
     return pl.DataFrame(rows)

@@ -46,9 +46,10 @@ def make_figures(settings: dict, model_dir, predictions, cases, ground_truth, ou
                             seed=settings["seed"])
 
 
-def ablation(tables: dict[str, str], out) -> pl.DataFrame:
-    """The ablation table from each variant's zeroshot.csv into ``out`` (.md, and .csv beside it)."""
-    table = metrics.ablation_table(tables)
+def ablation(variants: dict[str, str], out, n_resamples: int = 1000, seed: int = 0) -> pl.DataFrame:
+    """The ablation table from each variant's evaluation folder (zeroshot.csv, predictions.parquet)
+    into ``out`` (.md, and .csv beside it), with paired bootstrap CIs of each difference to fVLM."""
+    table = metrics.ablation_table(variants, n_resamples=n_resamples, seed=seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.write_csv(out.with_suffix(".csv"))

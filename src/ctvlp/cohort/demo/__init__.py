@@ -145,48 +145,52 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype) -> Non
     nib.save(nii, str(path))
 
 
+def _write_case(args) -> tuple[dict, list[dict]]:
+    """Render case ``index`` and write its image and mask: (manifest row, ground-truth rows)."""
+    index, seed, split, out_dir = args
+    case = generate_case(index, seed)
+    image_path = out_dir / "images" / f"{case.case_id}.nii.gz"
+    mask_path = out_dir / "masks" / f"{case.case_id}.nii.gz"
+    _save_nifti(case.image, case.affine, image_path, np.int16)
+    _save_nifti(case.mask, case.affine, mask_path, np.uint8)
+    row = {
+        "case_id": case.case_id, "split": split, "image_path": str(image_path), "mask_path": str(mask_path),
+        "report_text": case.report, "source": SOURCE, "spacing_x": case.spacing[0], "spacing_y": case.spacing[1],
+        "spacing_z": case.spacing[2], "shape_x": int(case.image.shape[0]), "shape_y": int(case.image.shape[1]),
+        "shape_z": int(case.image.shape[2]), "rescale_slope": None, "rescale_intercept": None,
+        "source_id": case.case_id, "ingest_note": None,
+    }
+    anatomy_of = {d.id: d.anatomy for d in catalog.diseases("demo")}
+    truth = [{"case_id": case.case_id, "disease_id": disease_id, "anatomy": anatomy_of[disease_id],
+              "label": int(value)} for disease_id, value in case.labels.items()]
+    return row, truth
+
+
 def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
-                 split: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Path:
-    """Write ``n_cases`` synthetic cases (NIfTI images and masks) plus manifest and ground truth.
+                 split: tuple[float, float, float] = (0.7, 0.15, 0.15), extra_test: int = 0,
+                 workers: int = 1) -> Path:
+    """Write ``n_cases`` synthetic cases (NIfTI images and masks) plus manifest and ground truth,
+    split by ``assign_splits``; then ``extra_test`` more cases (indices n_cases, n_cases + 1, ...),
+    all in the test split: a larger test set that leaves the training and validation cases exactly
+    as they are. ``workers`` processes render cases in parallel (the output does not depend on it).
 
     Returns the path of ``out_dir/manifest.parquet``.
     """
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    all_labels = [case_labels(i, seed) for i in range(n_cases)]
-    splits = assign_splits(all_labels, seed, split)
-    anatomy_of = {d.id: d.anatomy for d in catalog.diseases("demo")}
-    manifest_rows, truth_rows = [], []
-    for i in tqdm(range(n_cases), desc="demo cohort", unit="case"):
-        case = generate_case(i, seed)
-        image_path = out_dir / "images" / f"{case.case_id}.nii.gz"
-        mask_path = out_dir / "masks" / f"{case.case_id}.nii.gz"
-        _save_nifti(case.image, case.affine, image_path, np.int16)
-        _save_nifti(case.mask, case.affine, mask_path, np.uint8)
-        manifest_rows.append({
-            "case_id": case.case_id,
-            "split": splits[i],
-            "image_path": str(image_path),
-            "mask_path": str(mask_path),
-            "report_text": case.report,
-            "source": SOURCE,
-            "spacing_x": case.spacing[0],
-            "spacing_y": case.spacing[1],
-            "spacing_z": case.spacing[2],
-            "shape_x": int(case.image.shape[0]),
-            "shape_y": int(case.image.shape[1]),
-            "shape_z": int(case.image.shape[2]),
-            "rescale_slope": None,
-            "rescale_intercept": None,
-            "source_id": case.case_id,
-            "ingest_note": None,
-        })
-        for disease_id, value in case.labels.items():
-            truth_rows.append({"case_id": case.case_id, "disease_id": disease_id,
-                               "anatomy": anatomy_of[disease_id], "label": int(value)})
-    manifest = frame(manifest_rows, MANIFEST_SCHEMA)
-    truth = frame(truth_rows, GROUND_TRUTH_SCHEMA)
+    splits = assign_splits([case_labels(i, seed) for i in range(n_cases)], seed, split) + ["test"] * extra_test
+    jobs = [(i, seed, splits[i], out_dir) for i in range(n_cases + extra_test)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            done = list(tqdm(pool.map(_write_case, jobs, chunksize=4), total=len(jobs), desc="demo cohort",
+                             unit="case"))
+    else:
+        done = [_write_case(job) for job in tqdm(jobs, desc="demo cohort", unit="case")]
+    manifest = frame([row for row, _ in done], MANIFEST_SCHEMA)
+    truth = frame([r for _, rows in done for r in rows], GROUND_TRUTH_SCHEMA)
     return write(manifest, truth, None, out_dir)["manifest"]

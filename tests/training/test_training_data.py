@@ -1,0 +1,73 @@
+"""Training crops: the complete-organ rule (an anatomy counts only when complete in the scan and
+wholly inside the crop), with flips that move image and anatomy map together."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ctvlp import catalog
+from ctvlp.imaging.storage import case_paths
+from ctvlp.training.data import AnatomyTexts, CropDataset
+
+A, B, C = (catalog.anatomies()[k] for k in range(3))  # three anatomies of the catalog
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """A 40 x 16 x 16 volume: A at x 2-7 (complete), B at x 12-27 (complete, 16 wide), C at x 30-35
+    (present but cut by the scan border in its segment table: incomplete), each a wedge along x.
+    The image is 0.1 x the
+    anatomy index, so image and map must stay aligned."""
+    root = tmp_path_factory.mktemp("crops")
+    anatomy = np.zeros((40, 16, 16), np.uint8)
+    for a, (x0, x1) in ((A, (2, 8)), (B, (12, 28)), (C, (30, 36))):
+        for x in range(x0, x1):  # a wedge along x, so a flipped crop never looks like an unflipped one
+            anatomy[x, 3:4 + (x - x0) % 10, 3:13] = a.index
+    paths = case_paths("c0", root / "segment" / "c0", root / "preprocessed" / "c0")
+    for p in (paths.image, paths.table):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    np.save(paths.image, (anatomy * 0.1).astype(np.float16))
+    np.save(paths.anatomy, anatomy)
+    counts = {a.name: int((anatomy == a.index).sum()) for a in (A, B, C)}
+    paths.meta.write_text(json.dumps({"anatomy_voxels": counts}))
+    pl.DataFrame([{"case_id": "c0", "anatomy": a.name, "index": a.index, "present": a.name in counts,
+                   "complete": a.name in (A.name, B.name)} for a in catalog.anatomies()]).write_parquet(paths.table)
+    m = len(catalog.anatomies())
+    text_idx = np.full((1, m), -1)
+    text_idx[0, [A.index - 1, B.index - 1, C.index - 1]] = 0  # every one has a text
+    texts = AnatomyTexts(["x"], text_idx, np.zeros((1, m), bool), np.zeros((1, m), int))
+    return paths, anatomy, texts
+
+
+def _locate(crop_map: np.ndarray, full: np.ndarray) -> tuple[int, bool]:
+    """Where along x the crop was taken, and whether it was flipped (the anatomies' positions make
+    both unique)."""
+    width = crop_map.shape[0]
+    found = [(s, flipped) for flipped in (False, True) for s in range(full.shape[0] - width + 1)
+             if np.array_equal(full[s:s + width], crop_map[::-1] if flipped else crop_map)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_only_anatomies_complete_in_scan_and_inside_the_crop_count(case, flip):
+    paths, full, texts = case
+    dataset = CropDataset([paths], texts, (20, 16, 16), stride=4, flip=flip, seed=0)
+    seen = {"A": set(), "B": set(), "flipped": set()}
+    for epoch in range(60):
+        dataset.set_epoch(epoch)
+        item = dataset[0]
+        image, anatomy, valid = item["image"][0].numpy(), item["anatomy"].numpy(), item["valid"].numpy()
+        assert image.shape == anatomy.shape == (20, 16, 16)
+        assert np.allclose(image, anatomy * 0.1, atol=1e-3)  # image and map moved together
+        start, flipped = _locate(anatomy, full)
+        assert valid[A.index - 1] == (start <= 2), (epoch, start)  # A wholly inside: crop from x <= 2
+        assert valid[B.index - 1] == (8 <= start <= 12), (epoch, start)  # B (16 wide) wholly inside
+        assert not valid[C.index - 1]  # incomplete in the scan: never, even when wholly inside
+        seen["A"].add(bool(valid[A.index - 1]))
+        seen["B"].add(bool(valid[B.index - 1]))
+        seen["flipped"].add(flipped)
+    assert seen["A"] == {True, False} and seen["B"] == {True, False}  # both outcomes were exercised
+    assert seen["flipped"] == ({True, False} if flip else {False})
