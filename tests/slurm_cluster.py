@@ -102,13 +102,13 @@ class SlurmCluster:
         self._alias: Path | None = None  # short symlink to root, when root's path is too long
 
     # ---- lifecycle -------------------------------------------------------------------------
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         reason = missing_requirements()
         if reason:
             raise SlurmUnavailable(reason)
@@ -323,6 +323,40 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             "--slurm-init-seconds-before-status-checks", str(status_interval_s),
             "--seconds-between-status-checks", str(status_interval_s),
         ]
+
+    # pending reasons that no amount of waiting resolves on this one-node cluster
+    NEVER_RUNS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
+                  "ReqNodeNotAvail", "Resources_Unavailable", "InvalidAccount", "InvalidQOS")
+
+    def unschedulable(self) -> list[str]:
+        """Pending jobs this cluster can never start (e.g. more CPUs than the node has), as
+        ``squeue`` lines: a caller fails at once rather than waiting out its timeout."""
+        r = self.run(["squeue", "-h", "-t", "PD", "-o", "%i %j %r cpus=%C mem=%m time=%l"], check=False)
+        return [line for line in r.stdout.splitlines() if any(f" {reason} " in line for reason in self.NEVER_RUNS)]
+
+    def run_client(self, cmd: list[str], env: dict, timeout_s: float, poll_s: float = 5.0) -> subprocess.CompletedProcess:
+        """Run ``cmd`` (snakemake submitting to this cluster) to its end, or stop it as soon as one
+        of its jobs is unschedulable (failing the test with that job) or ``timeout_s`` passes."""
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
+            deadline = time.monotonic() + timeout_s
+            stuck = []
+            try:
+                while proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"{cmd[:4]}... still running after {timeout_s:.0f} s")
+                    stuck = self.unschedulable()
+                    if stuck:
+                        raise AssertionError("a job this cluster can never run (its request exceeds the node):\n"
+                                             + "\n".join(stuck))
+                    time.sleep(poll_s)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()  # our own child; its submitted jobs end with the cluster
+                    proc.wait()
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self._procs.items() if p.poll() is None}

@@ -5,8 +5,8 @@ stage runs as a SLURM batch job, and the job ids show in the stages' own logs.""
 import os
 import re
 import shutil
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -48,15 +48,23 @@ def test_the_test_config_runs_end_to_end_as_slurm_jobs(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="snakemake-executor-plugin-slurm not installed "
                         "(.ci/slurm_setup.sh)")
     with SlurmCluster(tmp_path / "slurm") as cluster:
+        # the run's watchdog: a job asking for more CPUs than the node has is seen as never running
+        big = cluster.run(["sbatch", "--parsable", f"--cpus-per-task={4 * (os.cpu_count() or 1)}", "--wrap", "true"])
+        job = big.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + 30
+        while not (stuck := cluster.unschedulable()) and time.monotonic() < deadline:
+            time.sleep(1)
+        cluster.run(["scancel", job])
+        assert len(stuck) == 1 and stuck[0].startswith(f"{job} ") and "PartitionConfig" in stuck[0], stuck
         profile = _profile_for(cluster, tmp_path / "profile")
         wd = tmp_path / "wd"
         wd.mkdir()
         shutil.copy(TEST_CONFIG, wd / "config.yaml")
         env = dict(cluster.env, PATH=f"{Path(sys.executable).parent}{os.pathsep}{cluster.env['PATH']}")
-        out = subprocess.run(
+        out = cluster.run_client(
             [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(wd),
              "--workflow-profile", str(profile), *cluster.snakemake_args()],
-            capture_output=True, text=True, env=env, timeout=1500)
+            env=env, timeout_s=1500)
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-6000:] + cluster.log_tail()
         accounting = cluster.run(["squeue", "--states=all", "-h", "-o", "%i %j %T"]).stdout
     r = wd / "results"

@@ -15,7 +15,7 @@ checkpoint cohort:
         results_path("logs/cohort.log"),
     benchmark:
         results_path("benchmarks/cohort.tsv")
-    threads: 8  # the demo cohort renders cases in parallel (capped at --cores)
+    threads: min(8, os.cpu_count() or 1)  # the demo cohort renders cases in parallel (capped at --cores)
     resources:
         mem_mb=4000,
         runtime=lambda w, attempt: attempt * 120,

@@ -3,7 +3,6 @@
 import math
 import os
 import shlex
-import shutil
 from pathlib import Path
 
 import polars as pl
@@ -84,15 +83,10 @@ def parent_of(name, up=0):
     return inner
 
 
-def _cuda_here():
-    """A CUDA device on this machine (cheap: the driver's files, no torch import)."""
-    return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
-
-
 # GPUs a job really uses: TotalSegmentator on the GPU; training (and evaluation) on cuda, or on auto
 # where CUDA is present. On a cluster set train.device: cuda (the submitting host may have no GPU).
 SEGMENT_GPU = 1 if config["segment"]["backend"] == "totalsegmentator" and config["segment"]["device"] == "gpu" else 0
-TRAIN_ON_GPU = config["train"]["device"].startswith("cuda") or (config["train"]["device"] == "auto" and _cuda_here())
+TRAIN_ON_GPU = config["train"]["device"].startswith("cuda") or (config["train"]["device"] == "auto" and launch.cuda_present())
 TRAIN_GPU = config["train"]["gpus"] if TRAIN_ON_GPU else 0
 EVAL_GPU = 1 if TRAIN_ON_GPU else 0
 

@@ -20,6 +20,7 @@ rule segment:
         **settings("segment", "preprocess.min_slices", "preprocess.spacing_range", "preprocess.max_voxels",
                    "shard_size"),
         out_root=lambda w: results_path("segment"),
+        shard_size=config["shard_size"],
     log:
         results_path("logs/segment/shard-{shard}.log"),
     benchmark:
@@ -33,7 +34,7 @@ rule segment:
         "../../envs/imaging.yaml"
     shell:
         "ctvlp segment --config {params.config_file:q} --sections {params.sections} --threads {threads}"
-        " --manifest {input.manifest:q} --shard {wildcards.shard} --shard-size {config[shard_size]}"
+        " --manifest {input.manifest:q} --shard {wildcards.shard} --shard-size {params.shard_size}"
         " --out-root {params.out_root:q} --table {output:q} > {log:q} 2>&1"
 
 
@@ -46,6 +47,7 @@ rule preprocess:
     params:
         **settings("preprocess", "shard_size"),
         out_root=lambda w: results_path("preprocessed"),
+        shard_size=config["shard_size"],
         segment_root=lambda w: results_path("segment"),
     log:
         results_path("logs/preprocess/shard-{shard}.log"),
@@ -59,7 +61,7 @@ rule preprocess:
         "../../envs/imaging.yaml"
     shell:
         "ctvlp preprocess --config {params.config_file:q} --sections {params.sections} --threads {threads}"
-        " --manifest {input.manifest:q} --shard {wildcards.shard} --shard-size {config[shard_size]}"
+        " --manifest {input.manifest:q} --shard {wildcards.shard} --shard-size {params.shard_size}"
         " --out-root {params.out_root:q} --segment-root {params.segment_root:q} --table {output:q} > {log:q} 2>&1"
 
 

@@ -5,7 +5,11 @@ needed). The workflow's training rule and the data-parallel test both use ``comm
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
+from pathlib import Path
+
+NVIDIA_CONTROL = Path("/dev/nvidiactl")
 
 
 def command(processes: int, python: str | None = None, module: str = "ctvlp.cli") -> list[str]:
@@ -24,3 +28,9 @@ def shell_prefix(processes: int) -> str:
     """``command`` as text for a shell rule; torchrun goes through ``python -m`` of the Python on
     the job's PATH, so a conda env or venv on the node is the one that runs."""
     return shlex.join(command(processes, python="python"))
+
+
+def cuda_present() -> bool:
+    """Whether this machine has an NVIDIA driver (its control device or ``nvidia-smi``): cheap, no
+    torch import, so the workflow can plan GPU resources at parse time."""
+    return NVIDIA_CONTROL.exists() or shutil.which("nvidia-smi") is not None
