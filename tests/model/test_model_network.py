@@ -7,7 +7,7 @@ from ctvlp import catalog
 from ctvlp.model.config import ModelConfig
 from ctvlp.model.losses import alignment_loss, calibrated_targets
 from ctvlp.model.network import CTVLP
-from ctvlp.model.vision import N_ANATOMIES, QueryPool
+from ctvlp.model.vision import N_ANATOMIES, QueryPool, VisionEncoder
 from ctvlp.model.zeroshot import zero_shot_scores
 from ctvlp.training.loop import warmup_cosine
 
@@ -220,3 +220,26 @@ def test_rows_without_a_catalog_finding_pair_only_by_identical_text():
     uncertain = [{"disease_id": "kidney_cyst", "presence": "uncertain"}]
     assert finding_group("Possible cyst.", uncertain) == finding_group("Renal cyst.", [
         {"disease_id": "kidney_cyst", "presence": "present"}])
+
+
+def test_gpu_layout_computes_the_same_features_and_gradients():
+    """channels_last_3d with the zero-padded 8-channel stem (the layout training uses on CUDA)
+    against the plain layout, forward and backward, on the CPU."""
+    torch.manual_seed(0)
+    enc = VisionEncoder((4, 8, 8, 16)).eval()
+    x = torch.rand(2, 1, 32, 32, 32, requires_grad=True)
+    ref = enc(x)
+    ref.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    ref_x = x.grad.clone()
+    enc.zero_grad()
+    x.grad = None
+    enc.gpu_layout(True)
+    out = enc(x)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert enc.net.conv1.weight.shape[1] == 1  # the saved weights keep their shape
+    out.square().sum().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(x.grad, ref_x, atol=1e-5)
+    for n, p in enc.named_parameters():
+        assert torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-4), n

@@ -82,23 +82,37 @@ def alignment_loss(img: torch.Tensor, txt: torch.Tensor, valid: torch.Tensor, po
     img, txt (B, M, D) normalised; valid (B, M); positives (M, B, B) from calibrated_targets.
     Targets spread evenly over each row's positives (soft CLIP targets). Anatomies with fewer than
     two valid samples in the batch give no contrast and are skipped. Returns the mean over valid
-    (sample, anatomy) rows, as Eq. 1's 1/(B*M) sum.
+    (sample, anatomy) rows, as Eq. 1's 1/(B*M) sum (0, still attached to the graph, without any).
+    Masks only, no boolean indexing: the value never needs the host (no device sync).
     """
-    v = valid.T  # (M, B)
-    use = v.sum(1) >= 2
-    if not bool(use.any()):
-        return img.sum() * 0.0
-    v, pos = v[use], positives[use].float()
-    logits = logit_scale.exp() * torch.einsum("bmd,cmd->mbc", img, txt)[use]  # (M', B, B)
-    pair_ok = v.unsqueeze(2) & v.unsqueeze(1)
+    counted, pair_ok = _contrast_masks(valid)
+    logits = logit_scale.exp() * torch.einsum("bmd,cmd->mbc", img, txt)  # (M, B, B)
     logits = logits.masked_fill(~pair_ok, float("-inf"))
+    pos = (positives & pair_ok).to(logits.dtype)
 
     def directional(lg, tg):
         logp = torch.log_softmax(lg, dim=-1).masked_fill(~pair_ok, 0.0)
         tg = tg / tg.sum(-1, keepdim=True).clamp_min(1.0)
-        return -(tg * logp).sum(-1)[v].mean()
+        return -(tg * logp).sum(-1)
 
-    return 0.5 * (directional(logits, pos) + directional(logits.transpose(1, 2), pos.transpose(1, 2)))
+    per_row = directional(logits, pos) + directional(logits.transpose(1, 2), pos.transpose(1, 2))
+    return 0.5 * _row_mean(per_row, counted)
+
+
+def _contrast_masks(valid: torch.Tensor):
+    """From valid (B, M): counted (M, B), the valid rows of anatomies with at least two valid
+    samples; pair_ok (M, B, B), the pairs a row's softmax runs over (both valid), plus the
+    diagonal of every row, so that no softmax row is all -inf (those rows are not counted)."""
+    v = valid.T.bool()
+    counted = v & (v.sum(1, keepdim=True) >= 2)
+    eye = torch.eye(v.shape[1], dtype=torch.bool, device=v.device)
+    return counted, (v.unsqueeze(2) & v.unsqueeze(1)) | eye
+
+
+def _row_mean(per_row: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """Mean of per_row (M, B) over the counted rows; 0 (attached) when there are none."""
+    w = counted.to(per_row.dtype)
+    return (per_row * w).sum() / w.sum().clamp_min(1.0)
 
 
 def _view_contrast(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, positives: torch.Tensor,
@@ -107,18 +121,15 @@ def _view_contrast(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, positi
 
     q, k (B, M, D); valid (B, M); positives (M, B, B), positives[j, i, p]: k_pj is a positive of q_ij.
     Row i sees the keys of the valid samples of its anatomy. Anatomies with fewer than two valid
-    samples are skipped. Returns the sum over the rows of the other anatomies divided by their count.
+    samples are skipped. Returns the sum over the rows of the other anatomies divided by their count
+    (masks only, no device sync).
     """
     scale = torch.as_tensor(logit_scale, dtype=q.dtype, device=q.device).exp()
-    v = valid.T  # (M, B)
-    use = v.sum(1) >= 2
-    if not bool(use.any()):
-        return q.sum() * 0.0
-    v, pos = v[use], positives[use] & v[use].unsqueeze(2) & v[use].unsqueeze(1)
-    logits = scale * torch.einsum("bmd,cmd->mbc", q, k)[use]  # (M', B, B)
-    logits = logits.masked_fill(~v.unsqueeze(1), float("-inf"))
-    logp = torch.log_softmax(logits, dim=-1).masked_fill(~pos, 0.0)
-    return -logp.sum(-1)[v].sum() / v.sum()
+    counted, pair_ok = _contrast_masks(valid)
+    logits = scale * torch.einsum("bmd,cmd->mbc", q, k)  # (M, B, B)
+    logits = logits.masked_fill(~pair_ok, float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1).masked_fill(~(positives & pair_ok), 0.0)
+    return _row_mean(-logp.sum(-1), counted)
 
 
 def disease_contrastive_loss(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, normal: torch.Tensor,

@@ -10,6 +10,7 @@ from monai.networks.nets import ResNet
 from torch import nn
 
 from .. import catalog
+from .attention import fixed_backends
 
 N_ANATOMIES = len(catalog.anatomies())
 
@@ -20,7 +21,13 @@ class VisionEncoder(nn.Module):
     token_stage 4: the last stage's map (stride 8 * stem_stride), as in the paper.
     token_stage 3: the third stage's map (stride 4 * stem_stride) concatenated with the last
     stage's map upsampled onto it: twice the token resolution for small organs and lesions.
+
+    ``gpu_layout(True)`` (training on CUDA): weights and inputs channels_last_3d, and the
+    one-channel input padded with zero channels (the stem's weights with zeros) to ``STEM_CHANNELS``,
+    the same result without cuDNN's slow fallback kernel for one input channel.
     """
+
+    STEM_CHANNELS = 8
 
     def __init__(self, widths=(64, 128, 256, 512), stem_stride: int = 2, token_stage: int = 4):
         super().__init__()
@@ -30,10 +37,24 @@ class VisionEncoder(nn.Module):
         self.token_stage = token_stage
         self.out_channels = widths[-1] if token_stage == 4 else widths[2] + widths[3]
         self.stride = (8 if token_stage == 4 else 4) * stem_stride
+        self.channels_last = False
+
+    def gpu_layout(self, on: bool = True) -> VisionEncoder:
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last_3d if on else torch.contiguous_format)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.net.conv1
+        if not self.channels_last:
+            return conv(x)
+        extra = self.STEM_CHANNELS - x.shape[1]
+        x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, extra)).contiguous(memory_format=torch.channels_last_3d)
+        weight = F.pad(conv.weight, (0, 0, 0, 0, 0, 0, 0, extra)).contiguous(memory_format=torch.channels_last_3d)
+        return F.conv3d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
-        x = n.act(n.bn1(n.conv1(x)))
+        x = n.act(n.bn1(self.stem(x)))
         f3 = n.layer3(n.layer2(n.layer1(x)))
         f4 = n.layer4(f3)
         if self.token_stage == 4:
@@ -74,7 +95,8 @@ class QueryPool(nn.Module):
         empty = ~allowed.any(-1)
         blocked = ~(allowed | empty.unsqueeze(-1))  # empty rows see everything, then get zeroed
         mask = blocked.repeat_interleave(self.heads, dim=0)
-        out, _ = self.attn(query, tokens, tokens, attn_mask=mask, need_weights=False)
+        with fixed_backends():
+            out, _ = self.attn(query, tokens, tokens, attn_mask=mask, need_weights=False)
         return self.norm(out + query).masked_fill(empty.unsqueeze(-1), 0.0)
 
 
