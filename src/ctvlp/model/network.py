@@ -17,6 +17,10 @@ from .text import load_text_encoder
 from .vision import N_ANATOMIES, AnatomyProjection, QueryPool, VisionEncoder, heads_for
 
 
+def _read_boost_flag(module, incompatible_keys) -> None:
+    module._boost = bool(module.boost_on)
+
+
 class CTVLP(nn.Module):
     """fVLM backbone; optionally the ViSD-Boost phase-4 modules and a CLIP-style global head,
     built from a ``ModelConfig``:
@@ -51,8 +55,11 @@ class CTVLP(nn.Module):
             self.vqvae = NormalityVQVAE(cv, m, config.vq_codes, config.vq_dim, depth=config.vq_depth,
                                         heads=config.vq_heads, beta=config.vq_beta, decay=config.vq_decay)
             self.perception = PerceptionMLP(cv, fusion=config.fusion)
-            # saved with the weights, so a phase-4 checkpoint encodes with the boost when reloaded
+            # saved with the weights, so a phase-4 checkpoint encodes with the boost when reloaded; read
+            # into a Python flag when loaded (reading the buffer on the GPU every forward would sync)
             self.register_buffer("boost_on", torch.tensor(False))
+            self._boost = False
+            self.register_load_state_dict_post_hook(_read_boost_flag)
         self.vis_global = self.txt_global = None
         if config.global_head:
             self.vis_global = nn.Linear(cv, config.embed_dim)
@@ -61,7 +68,7 @@ class CTVLP(nn.Module):
     @property
     def boost(self) -> bool:
         """Default of encode_image(boost=None): True once set_trainable(model, "boost") ran."""
-        return self.vqvae is not None and bool(self.boost_on)
+        return self.vqvae is not None and self._boost
 
     @boost.setter
     def boost(self, on: bool):
@@ -69,6 +76,7 @@ class CTVLP(nn.Module):
             raise ValueError("this model has no VQ-VAE (vq_codes=0); it cannot boost")
         if self.vqvae is not None:
             self.boost_on.fill_(bool(on))
+            self._boost = bool(on)
 
     # ---- vision -------------------------------------------------------------------------
     @staticmethod
@@ -119,11 +127,18 @@ class CTVLP(nn.Module):
         rows = anatomy_token_rows(tokens, allowed)
         pooled = tokens.new_zeros(b, N_ANATOMIES, tokens.shape[-1])
         if rows.tokens.shape[0]:
+            # rows bucketed by length (vqvae.bucket): the VQ-VAE, perception and pooling run on
+            # trimmed rows; no host sync beyond those of anatomy_token_rows
+            buckets = self.vqvae.buckets(rows.pad, lengths=rows.lengths)
             with torch.no_grad():
-                q = self.vqvae(rows.tokens, rows.pad, rows.anatomy, update_codebook=False).recon
-            f_hat = self.perception(rows.tokens, q)
-            per_row = self.vis_pool(f_hat, rows.pad.unsqueeze(1), rows.anatomy.unsqueeze(1)).squeeze(1)
-            pooled = pooled.index_put((rows.batch, rows.anatomy), per_row)
+                q = self.vqvae(rows.tokens, rows.pad, rows.anatomy, update_codebook=False, buckets=buckets).recon
+            per_row = []
+            for g in buckets.groups:
+                slots = (g.idx.unsqueeze(1), g.cols)
+                f_hat = self.perception(rows.tokens[slots], q[slots])
+                per_row.append(self.vis_pool(f_hat, g.pad.unsqueeze(1), rows.anatomy[g.idx].unsqueeze(1)).squeeze(1))
+            done = torch.cat([g.idx for g in buckets.groups])
+            pooled = pooled.index_put((rows.batch[done], rows.anatomy[done]), torch.cat(per_row))
         return F.normalize(self.vis_proj(pooled, idx), dim=-1), pooled
 
     def encode_image_global(self, image: torch.Tensor, body_mask: torch.Tensor | None = None) -> torch.Tensor:
