@@ -1,21 +1,24 @@
 """Training crops: the complete-organ rule (an anatomy counts only when complete in the scan and
-wholly inside the crop), with flips that move image and anatomy map together."""
+wholly inside the crop), checked on the stored bounding boxes or, without them, by counting voxels,
+with flips (applied on the device by ``to_device``) that move image and anatomy map together."""
 
 import json
 
 import numpy as np
 import polars as pl
 import pytest
+import torch
+from torch.utils.data import default_collate
 
 from ctvlp import catalog
 from ctvlp.imaging.storage import case_paths
-from ctvlp.training.data import AnatomyTexts, CropDataset
+from ctvlp.training.data import AnatomyTexts, CropDataset, to_device
 
 A, B, C = (catalog.anatomies()[k] for k in range(3))  # three anatomies of the catalog
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
+@pytest.fixture(scope="module", params=["boxes", "counts"])
+def case(tmp_path_factory, request):
     """A 40 x 16 x 16 volume: A at x 2-7 (complete), B at x 12-27 (complete, 16 wide), C at x 30-35
     (present but cut by the scan border in its segment table: incomplete), each a wedge along x.
     The image is 0.1 x the
@@ -31,7 +34,11 @@ def case(tmp_path_factory):
     np.save(paths.image, (anatomy * 0.1).astype(np.float16))
     np.save(paths.anatomy, anatomy)
     counts = {a.name: int((anatomy == a.index).sum()) for a in (A, B, C)}
-    paths.meta.write_text(json.dumps({"anatomy_voxels": counts}))
+    meta = {"anatomy_voxels": counts}
+    if request.param == "boxes":  # as preprocess stores them: x0, x1, y0, y1, z0, z1 inclusive
+        meta["anatomy_bbox"] = {a.name: [int(v) for ax in np.nonzero(anatomy == a.index) for v in (ax.min(), ax.max())]
+                                for a in (A, B, C)}
+    paths.meta.write_text(json.dumps(meta))
     pl.DataFrame([{"case_id": "c0", "anatomy": a.name, "index": a.index, "present": a.name in counts,
                    "complete": a.name in (A.name, B.name)} for a in catalog.anatomies()]).write_parquet(paths.table)
     m = len(catalog.anatomies())
@@ -57,9 +64,12 @@ def test_only_anatomies_complete_in_scan_and_inside_the_crop_count(case, flip):
     dataset = CropDataset([paths], texts, (20, 16, 16), stride=4, flip=flip, seed=0)
     seen = {"A": set(), "B": set(), "flipped": set()}
     for epoch in range(60):
+        key = (epoch, 0) if epoch % 2 else 0  # (epoch, index) keys and set_epoch give the same crop
         dataset.set_epoch(epoch)
-        item = dataset[0]
-        image, anatomy, valid = item["image"][0].numpy(), item["anatomy"].numpy(), item["valid"].numpy()
+        item = dataset[key]
+        assert item["image"].dtype == torch.float16  # as stored: converted on the device
+        batch = to_device(default_collate([item]), torch.device("cpu"))
+        image, anatomy, valid = batch["image"][0, 0].numpy(), batch["anatomy"][0].numpy(), batch["valid"][0].numpy()
         assert image.shape == anatomy.shape == (20, 16, 16)
         assert np.allclose(image, anatomy * 0.1, atol=1e-3)  # image and map moved together
         start, flipped = _locate(anatomy, full)
@@ -71,3 +81,21 @@ def test_only_anatomies_complete_in_scan_and_inside_the_crop_count(case, flip):
         seen["flipped"].add(flipped)
     assert seen["A"] == {True, False} and seen["B"] == {True, False}  # both outcomes were exercised
     assert seen["flipped"] == ({True, False} if flip else {False})
+
+
+def test_centre_crops_are_the_same_every_epoch_and_never_flipped(case):
+    paths, full, texts = case
+    dataset = CropDataset([paths], texts, (20, 16, 16), stride=4, flip=True, seed=0, mode="center")
+    items = [dataset[(epoch, 0)] for epoch in range(4)]
+    assert all(not it["flip"] for it in items)
+    assert all(torch.equal(it["anatomy"], items[0]["anatomy"]) for it in items)
+    assert torch.equal(items[0]["anatomy"], torch.from_numpy(full[10:30]))  # (40 - 20) // 2
+
+
+def test_volumes_smaller_than_the_crop_are_padded_to_the_crop_and_stride(case):
+    paths, full, texts = case
+    dataset = CropDataset([paths], texts, (48, 18, 16), stride=4, flip=False, seed=0)
+    item = dataset[0]
+    assert tuple(item["anatomy"].shape) == (48, 20, 16)
+    assert torch.equal(item["anatomy"][:40, :16], torch.from_numpy(full)) and item["anatomy"][40:].sum() == 0
+    assert item["valid"][A.index - 1] and item["valid"][B.index - 1] and not item["valid"][C.index - 1]
