@@ -174,7 +174,8 @@ def restrict(config: dict, sections: list[str]) -> Settings:
 
 
 # settings that change how a stage runs but not what it computes: not part of a rule's rerun trigger
-RUNTIME_KEYS = {"train": ("threads", "device", "gpus", "checkpoint_every", "tensorboard", "resume", "workers")}
+RUNTIME_KEYS = {"train": ("threads", "device", "gpus", "checkpoint_every", "checkpoint_minutes", "tensorboard", "resume",
+                          "workers", "sync_every", "channels_last", "compile")}
 
 
 def tracked(settings: dict) -> dict:

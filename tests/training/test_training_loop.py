@@ -22,12 +22,13 @@ from safetensors.torch import load_file
 from ctvlp import config
 from ctvlp.model.io import model_state
 from ctvlp.training import launch
-from ctvlp.training.checkpoint import CHECKPOINT, checkpoint_state
+from ctvlp.training.checkpoint import CHECKPOINT, CheckpointWriter, checkpoint_payload, checkpoint_state
 from ctvlp.training.loop import (
     RUNNING_METRICS,
     LoopSettings,
     PhaseTask,
     autocast_dtype,
+    loader_workers,
     run_phase,
     warmup_cosine,
 )
@@ -96,9 +97,20 @@ class ToyTask(PhaseTask):
                           **{f"momentum.{k}": v for k, v in model_state(self.momentum).items()})
 
 
-def toy_run(out, cfg=TOY, stop_at=None, nan_at=None):
+class KeyedToy(Toy):
+    """Toy taking (epoch, index) keys, as CropDataset: loader workers that persist across epochs
+    get the epoch with each key."""
+
+    keyed_by_epoch = True
+
+    def __getitem__(self, key):
+        epoch, i = key
+        return {"x": self.x[i] + 0.1 * epoch, "y": self.y[i]}
+
+
+def toy_run(out, cfg=TOY, stop_at=None, nan_at=None, data=Toy):
     """run_phase on ``ToyTask``; -> (the saved weights, the summary)."""
-    task = ToyTask(Toy(), stop_at, nan_at)
+    task = ToyTask(data(), stop_at, nan_at)
     summary = run_phase(task, task.dataset, LoopSettings.from_dict(cfg), out, seed=3, device=CPU,
                         fingerprint={"toy": 1})
     return task.saved, summary
@@ -145,6 +157,78 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     got, summary = toy_run(tmp_path / "b")  # the checkpoint is good: resuming gives the uninterrupted result
     assert summary["resumed_from_step"] == 4
     assert_same_state(ref, got)
+
+
+def test_deferred_syncs_stop_at_the_next_check_and_keep_only_checked_checkpoints(tmp_path):
+    """sync_every > 1 (the CUDA default): a non-finite loss is found when the values reach the host,
+    no checkpoint is written after it, and the last one resumes to the uninterrupted result."""
+    ref, _ = toy_run(tmp_path / "ref")
+    deferred = {**TOY, "checkpoint_every": 0, "checkpoint_minutes": 0, "sync_every": 50}
+    with pytest.raises(FloatingPointError, match="non-finite loss.*step 4.*found at the sync.*is kept"):
+        toy_run(tmp_path / "b", cfg=deferred, nan_at=4)  # step 4 is in epoch 1; the check comes at its end
+    ckpt = tmp_path / "b" / CHECKPOINT
+    assert checkpoint_state(ckpt)["step"] == 3  # epoch 0's: written after its check
+    assert all(torch.isfinite(v).all() for v in load_file(ckpt).values() if v.is_floating_point())
+    got, summary = toy_run(tmp_path / "b", cfg=deferred)
+    assert summary["resumed_from_step"] == 3
+    assert_same_state(ref, got)
+
+
+def test_sync_every_changes_when_values_reach_the_host_not_what_is_computed(tmp_path):
+    ref, _ = toy_run(tmp_path / "ref")
+    got, _ = toy_run(tmp_path / "b", cfg={**TOY, "sync_every": 2})
+    assert_same_state(ref, got)
+    assert rows(tmp_path / "b" / "metrics.csv") == rows(tmp_path / "ref" / "metrics.csv")
+
+
+@pytest.mark.parametrize("minutes, step", [(1e-9, 5), (0, 3)])
+def test_checkpoints_by_time(tmp_path, minutes, step):
+    """checkpoint_minutes: mid-epoch checkpoints when that much time has passed (here: always);
+    0 leaves only the epoch ends. Either resumes to the uninterrupted result."""
+    ref, _ = toy_run(tmp_path / "ref")
+    cfg = {**TOY, "checkpoint_every": 0, "checkpoint_minutes": minutes}
+    with pytest.raises(Interrupted):
+        toy_run(tmp_path / "b", cfg=cfg, stop_at=5)
+    assert checkpoint_state(tmp_path / "b" / CHECKPOINT)["step"] == step
+    got, summary = toy_run(tmp_path / "b", cfg=cfg)
+    assert summary["resumed_from_step"] == step
+    assert_same_state(ref, got)
+
+
+def test_a_checkpoint_is_a_snapshot_written_off_the_training_thread(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    payload = checkpoint_payload({"model": model}, opt, {"step": 1})
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training goes on while the file is written
+    writer = CheckpointWriter()
+    writer.submit(tmp_path / "c.safetensors", payload)
+    writer.wait()
+    saved = load_file(tmp_path / "c.safetensors")
+    assert torch.equal(saved["model.weight"], before["weight"]) and not torch.equal(saved["model.weight"], model.weight)
+    assert checkpoint_state(tmp_path / "c.safetensors")["step"] == 1
+    writer.submit(tmp_path / "missing" / "c.safetensors", payload)  # a failed write surfaces on the next wait
+    with pytest.raises(Exception, match="No such file"):
+        writer.wait()
+
+
+def test_persistent_loader_workers_follow_the_epoch(tmp_path):
+    """Two workers that live across epochs give the same training as the main process: the epoch
+    travels with each key."""
+    ref, _ = toy_run(tmp_path / "ref", data=KeyedToy)
+    got, _ = toy_run(tmp_path / "w", cfg={**TOY, "workers": 2}, data=KeyedToy)
+    assert_same_state(ref, got)
+    assert rows(tmp_path / "w" / "metrics.csv") == rows(tmp_path / "ref" / "metrics.csv")
+    plain, _ = toy_run(tmp_path / "plain")  # set_epoch instead of keys: the same numbers
+    assert_same_state(ref, plain)
+
+
+def test_loader_workers_auto_is_none_on_the_cpu():
+    assert loader_workers("auto", CPU) == 0 and loader_workers(3, CPU) == 3
+    assert 1 <= loader_workers("auto", torch.device("cuda")) <= 8
 
 
 def test_other_settings_refuse_the_checkpoint_unless_resume_is_off(tmp_path):
@@ -244,6 +328,26 @@ def test_ddp_with_gathered_negatives_matches_one_process(tmp_path):
             assert torch.allclose(got["loss"], single["loss"], atol=1e-6)
             for k, v in single.items():
                 assert torch.allclose(got[k], v, rtol=1e-4, atol=1e-7), (empty_half, rank, k)
+
+
+def test_ddp_phase3_codebooks_come_from_the_rank_that_initialised_them(tmp_path):
+    """Phase 3 under 2 processes: each initialises its codebooks from its own rows; afterwards
+    both hold the same state, every codebook set up by the lowest rank that saw its anatomy (the
+    one-process result on that rank's rows, then the EMA state averaged), token statistics from
+    rank 0. Runs in the same 2 processes as the test above."""
+    from ddp_worker import vq_case, vq_step
+
+    if not (tmp_path / "vq.rank0.safetensors").exists():
+        test_ddp_with_gathered_negatives_matches_one_process(tmp_path)
+    got = [load_file(tmp_path / f"vq.rank{r}.safetensors") for r in range(2)]
+    for k in got[0]:
+        assert torch.equal(got[0][k], got[1][k]), k  # identical on both processes
+    alone = [vq_step(*vq_case(r)) for r in range(2)]  # each rank's own step, one process
+    assert torch.equal(got[0]["token_mean"], alone[0]["token_mean"])
+    assert not torch.allclose(alone[0]["codebook"][0], alone[1]["codebook"][0])  # the ranks' inits differ
+    for j, owner in ((0, 0), (1, 0), (2, 1)):  # anatomy 2 only on rank 1
+        assert torch.allclose(got[0]["codebook"][j], alone[owner]["codebook"][j], atol=1e-6), j
+    assert got[0]["initialised"].all()
 
 
 def test_the_launcher_is_one_process_or_torchrun():

@@ -2,7 +2,6 @@
 updates its codebook by EMA; phase 1's momentum encoder sees the augmented view and follows the
 online encoder after each step."""
 
-import pytest
 import torch
 
 from ctvlp.model.config import ModelConfig

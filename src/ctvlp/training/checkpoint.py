@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +17,22 @@ from ..model.io import atomic_save, load_model_state, model_state
 CHECKPOINT = "checkpoint.safetensors"
 
 
-def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, state: dict):
-    """One safetensors file: tensors (each module's state as "<name>.<key>", optimizer state, torch RNG)
-    plus JSON metadata `state` (progress, optimizer hyper-parameters, python/numpy RNG). Loading it
-    unpickles nothing."""
-    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in model_state(m).items()}
+def checkpoint_payload(modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+                       state: dict) -> tuple[dict, dict]:
+    """What a checkpoint holds, copied now (so that training may go on while it is written):
+    tensors (each module's state as "<name>.<key>", optimizer state, torch RNG) on the CPU, and the
+    JSON metadata (``state``: progress, settings; optimizer hyper-parameters, python/numpy RNG)."""
+    def snapshot(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.clone().contiguous() if t.device.type == "cpu" else t.cpu().contiguous()
+
+    tensors = {f"{name}.{k}": snapshot(v) for name, m in modules.items() for k, v in model_state(m).items()}
     osd = opt.state_dict()
     scalars = {}
     for i, s in osd["state"].items():
         for k, v in s.items():
             if torch.is_tensor(v):
-                tensors[f"optim.{i}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"optim.{i}.{k}"] = snapshot(v)
             else:
                 scalars[f"{i}.{k}"] = v
     tensors["rng.torch"] = torch.get_rng_state()
@@ -35,11 +41,41 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], opt: torch.
     np_state = np.random.get_state()
     meta = {**state, "optim_groups": osd["param_groups"], "optim_scalars": scalars, "rng_python": random.getstate(),
             "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    atomic_save(tensors, path, {"state": json.dumps(meta, default=str)})
+    return tensors, {"state": json.dumps(meta, default=str)}
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time: ``submit`` takes the payload
+    (already copied) and returns at once; the next ``submit`` or ``wait`` joins the previous write
+    and raises its error, if any. atomic_save makes each file complete or absent, also when the
+    process is killed mid-write."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, path: Path, payload: tuple[dict, dict]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(path, *payload), name="ctvlp-checkpoint")
+        self._thread.start()
+
+    def _write(self, path, tensors, metadata):
+        try:
+            atomic_save(tensors, path, metadata)
+        except BaseException as e:  # re-raised on the training thread by wait()
+            self._error = e
+
+    def wait(self, raise_error: bool = True) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
-    """-> (tensors, state) of a checkpoint written by save_checkpoint."""
+    """-> (tensors, state) of a checkpoint (``checkpoint_payload`` written by ``CheckpointWriter``)."""
     with safe_open(str(path), framework="pt") as f:
         names = f.keys()
         return {k: f.get_tensor(k) for k in names}, json.loads(f.metadata()["state"])

@@ -107,12 +107,26 @@ class _Step(torch.nn.Module):
         return self.step_fn(batch)
 
 
-def wrap_step(model: torch.nn.Module, step_fn: StepFn, device: torch.device) -> StepFn:
+def wrap_step(model: torch.nn.Module, step_fn: StepFn, device: torch.device, static_graph: bool = False) -> StepFn:
     """step_fn itself in one process; under torch.distributed a DistributedDataParallel module whose
-    forward is step_fn, so that backward averages the gradients over processes."""
+    forward is step_fn, so that backward averages the gradients over processes. static_graph: every
+    step uses every trainable parameter, so DDP need not search the graph for unused ones (else a
+    step may leave some out, e.g. a process whose batch has no text rows)."""
     if dist_info()[1] == 1:
         return step_fn
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(_Step(model, step_fn), device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)  # e.g. no text rows in a batch
+                                   find_unused_parameters=not static_graph)
+
+
+def all_sum(*values) -> list[float]:
+    """Each value (a number or a one-element tensor) summed over the processes, in one all-reduce
+    (one host transfer); the values themselves in one process."""
+    device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
+    if dist_info()[1] > 1 and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    if dist_info()[1] > 1:
+        dist.all_reduce(t)
+    return t.tolist()

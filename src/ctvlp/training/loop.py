@@ -4,7 +4,13 @@ A phase is a ``PhaseTask``: its model, what one step computes, and optional vali
 update, train/eval modes, extra checkpointed modules and final save. The loop adds, top to bottom:
 AdamW over the task's trainable parameters with linear warmup then cosine decay (paper Sec. 7),
 gradient clipping, bf16 autocast on CUDA, a per-step and per-epoch metrics CSV (optional
-TensorBoard), atomic checkpoints it resumes from exactly, and DistributedDataParallel under torchrun.
+TensorBoard), atomic checkpoints it resumes from exactly (written by a background thread, every
+``checkpoint_every`` steps and/or ``checkpoint_minutes``), and DistributedDataParallel under torchrun.
+
+Host syncs: on CUDA the step's values (loss, gradient norm, metrics) stay on the device and reach
+the host together every ``sync_every`` steps, where finiteness is checked; on the CPU, where a
+"sync" costs nothing, every step is checked before its update. The loader is built once, with
+persistent workers that get the epoch with each key (``CropDataset.keyed_by_epoch``).
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from ..config import digest
 from ..model.io import atomic_save, load_model_state, model_state
 from .checkpoint import (
     CHECKPOINT,
+    CheckpointWriter,
+    checkpoint_payload,
     checkpoint_state,
     flat,
     restore_checkpoint,
-    save_checkpoint,
 )
 from .distributed import dist_info, wrap_step
 
@@ -57,14 +64,16 @@ class LoopSettings:
     warmup_epochs: float
     weight_decay: float
     grad_clip: float
-    checkpoint_every: int = 50
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0
     precision: str = "auto"
     select: str = "last"
     tensorboard: bool = False
     resume: bool = True
-    workers: int = 0
+    workers: int | str = "auto"
+    sync_every: int = 0  # 0: every step on the CPU, every 50 on CUDA
 
-    RUNTIME = ("checkpoint_every", "tensorboard", "resume", "workers")
+    RUNTIME = ("checkpoint_every", "checkpoint_minutes", "tensorboard", "resume", "workers", "sync_every")
 
     @classmethod
     def from_dict(cls, values: dict) -> LoopSettings:
@@ -103,6 +112,8 @@ class PhaseTask:
     def train_mode(self) -> None:
         """Called at each epoch start (e.g. to keep a frozen module in eval mode)."""
         self.model.train()
+
+    static_graph = False  # True: every step uses every trainable parameter (DDP skips its unused search)
 
     def after_step(self, step: int, total: int) -> None:
         """Called after each optimizer step (e.g. a momentum update)."""
@@ -204,6 +215,101 @@ def _resume(ckpt: Path, settings: dict, modules: dict, opt, out_dir: Path, resum
     return restore_checkpoint(ckpt, modules, opt)
 
 
+def loader_workers(workers: int | str, device: torch.device) -> int:
+    """DataLoader workers: a number, or "auto": none on the CPU (the training process uses the
+    cores), on CUDA the cores this process may use, shared by the processes of the node, less one
+    for the process itself, at most 8."""
+    if workers != "auto":
+        return int(workers)
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, cores // per_node - 1))
+
+
+def make_loader(dataset, batch_sampler, workers: int, device: torch.device, seed: int):
+    """A DataLoader over ``batch_sampler``; workers persist across epochs when the dataset takes the
+    epoch in its keys, pinned memory on CUDA; its own generator leaves the global RNG alone."""
+    persistent = workers > 0 and getattr(dataset, "keyed_by_epoch", False)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=persistent,
+                                       prefetch_factor=4 if workers else None,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def validation_loader(dataset, batch_size: int, workers: int | str, device: torch.device, seed: int = 0):
+    """This process's share of a validation set (every world_size-th sample from its rank), in
+    order; tasks sum their totals over the processes (``distributed.all_sum``)."""
+    rank, world = dist_info()
+    keys = list(range(rank, len(dataset), world))
+    batches = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+    return make_loader(dataset, batches, loader_workers(workers, device), device, seed)
+
+
+class _EpochBatches:
+    """The batch sampler of the training loader: this process's batches of the current epoch from
+    ``start`` on; keys are (epoch, index) when the dataset takes them."""
+
+    def __init__(self, sampler, per_rank: int, per_epoch: int, keyed: bool):
+        self.sampler, self.per_rank, self.per_epoch, self.keyed = sampler, per_rank, per_epoch, keyed
+        self.epoch, self.start = 0, 0
+
+    def set(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return self.per_epoch - self.start
+
+    def __iter__(self):
+        order = list(self.sampler)  # epoch e's order depends on (seed, e) only
+        for i in range(self.start, self.per_epoch):
+            part = order[i * self.per_rank:(i + 1) * self.per_rank]
+            yield [(self.epoch, k) for k in part] if self.keyed else part
+
+
+class _Pending:
+    """Step values kept on the device until the next sync; ``flush`` copies them to the host in one
+    transfer, checks that losses and gradient norms are finite and writes the metrics rows."""
+
+    def __init__(self, phase: str, ckpt: Path, samples_per_step: int):
+        self.phase, self.ckpt, self.samples = phase, ckpt, samples_per_step
+        self.rows: list[dict] = []
+        self.tick = time.perf_counter()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def flush(self, record, bar) -> None:
+        if not self.rows:
+            return
+        slots = [(r, k) for r in self.rows for k, v in r.items() if torch.is_tensor(v)]
+        if slots:  # one transfer for all of them
+            dev = self.rows[0]["loss"].device
+            values = torch.stack([r[k].detach().float().reshape(()).to(dev) for r, k in slots]).tolist()
+            for (r, k), v in zip(slots, values):
+                r[k] = v
+        now = time.perf_counter()
+        rate = self.samples * len(self.rows) / (now - self.tick)
+        self.tick = now
+        for n, row in enumerate(self.rows):
+            if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
+                what = "loss" if not math.isfinite(row["loss"]) else "gradient norm"
+                kept = f"the last checkpoint {self.ckpt} is kept" if self.ckpt.exists() else \
+                    "no checkpoint was written yet"
+                self.rows = []
+                raise FloatingPointError(f"phase {self.phase}: non-finite {what} ({row['loss']}) at step {row['step'] - 1} "
+                                         f"(epoch {row['epoch']}), found at the sync after it (train.sync_every); "
+                                         f"no later weights were saved, {kept}")
+            record({"step": row["step"], "epoch": row["epoch"], "split": "train", "loss": f"{row['loss']:.6f}",
+                    "lr": f"{row['lr']:.4e}", "samples_per_s": f"{rate:.2f}", "grad_norm": f"{row['grad_norm']:.4f}",
+                    "pairs": int(row["pairs"]), **{k: f"{float(row[k]):.6g}" for k in row["extra"]}})
+        bar.set_postfix(loss=f"{self.rows[-1]['loss']:.3f}", samples_s=f"{rate:.1f}")
+        bar.update(len(self.rows))
+        self.rows = []
+
+
 def run_phase(task: PhaseTask, dataset: torch.utils.data.Dataset, cfg: LoopSettings, out_dir, *, seed: int,
               device: torch.device, fingerprint: dict | None = None) -> dict:
     """Train ``task`` on ``dataset`` (items for the default collate; its ``set_epoch(e)``, if any,
@@ -256,37 +362,47 @@ def run_phase(task: PhaseTask, dataset: torch.utils.data.Dataset, cfg: LoopSetti
         for tmp in out_dir.glob(f".{CHECKPOINT}.*.tmp"):  # a checkpoint write cut off by a kill
             tmp.unlink()
 
+    sync_every = cfg.sync_every or (1 if device.type == "cpu" else 50)
+    batches = _EpochBatches(sampler, per_rank, per_epoch, getattr(dataset, "keyed_by_epoch", False))
+    loader = make_loader(dataset, batches, loader_workers(cfg.workers, device), device, seed)
+    writer = CheckpointWriter()
     with contextlib.ExitStack() as stack:
+        stack.callback(writer.wait, raise_error=False)  # a write in flight completes, also on errors
         metrics = _MetricsLog(out_dir, phase, [*COLUMNS, *task.metrics], state and state["csv_bytes"],
                               cfg.tensorboard, step + 1, stack) if rank == 0 else None
-
-        def checkpoint(epoch: int, pos: int):
-            if rank == 0:
-                csv_bytes = metrics.flush()
-                save_checkpoint(ckpt, modules, opt, {"settings_hash": digest(settings), "settings": settings,
-                                                     "step": step, "epoch": epoch, "pos": pos, "history": history,
-                                                     "csv_bytes": csv_bytes})
+        last_checkpoint = time.monotonic()
 
         def record(row: dict):
             if metrics is not None:
                 metrics.record(row)
 
-        run = wrap_step(model, task.step, device)
         bar = stack.enter_context(tqdm(total=total, initial=step, desc=f"train {phase}", unit="step",
                                        disable=rank != 0))
+        pending = _Pending(phase, ckpt, per_rank * world)
+
+        def checkpoint(epoch: int, pos: int):
+            nonlocal last_checkpoint
+            pending.flush(record, bar)  # only checked weights are saved
+            last_checkpoint = time.monotonic()
+            if rank == 0:
+                csv_bytes = metrics.flush()
+                writer.submit(ckpt, checkpoint_payload(modules, opt, {
+                    "settings_hash": digest(settings), "settings": settings, "step": step, "epoch": epoch,
+                    "pos": pos, "history": history, "csv_bytes": csv_bytes}))
+
+        def due() -> bool:
+            by_steps = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+            by_time = cfg.checkpoint_minutes > 0 and time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_minutes
+            return by_steps or by_time
+
+        run = wrap_step(model, task.step, device, static_graph=task.static_graph)
         for epoch in range(epoch0, cfg.epochs):
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            order = list(sampler)  # epoch e's order depends on (seed, e) only
-            start = pos0 if epoch == epoch0 else 0
-            batches = [order[i * per_rank:(i + 1) * per_rank] for i in range(start, per_epoch)]
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=batches, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(seed + epoch))  # leaves the global RNG alone
+            batches.set(epoch, pos0 if epoch == epoch0 else 0)
             task.train_mode()
-            tick = time.perf_counter()
-            for pos, batch in enumerate(loader, start):
+            pending.tick = time.perf_counter()
+            for pos, batch in enumerate(loader, batches.start):
                 lr = 0.0
                 for group in opt.param_groups:
                     group["lr"] = lr = group["initial_lr"] * warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)
@@ -295,7 +411,7 @@ def run_phase(task: PhaseTask, dataset: torch.utils.data.Dataset, cfg: LoopSetti
                 if set(extra) - set(task.metrics):
                     raise KeyError(f"phase {phase}: step returned metrics {sorted(set(extra) - set(task.metrics))} "
                                    f"not declared in metrics={task.metrics}")
-                if not torch.isfinite(loss):
+                if sync_every == 1 and not torch.isfinite(loss):
                     kept = f"the last checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written yet"
                     raise FloatingPointError(f"phase {phase}: non-finite loss ({loss.item()}) at step {step} "
                                              f"(epoch {epoch}) on a batch of cases {_batch_cases(dataset, batch)}; "
@@ -303,21 +419,18 @@ def run_phase(task: PhaseTask, dataset: torch.utils.data.Dataset, cfg: LoopSetti
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-                if not torch.isfinite(norm):
+                if sync_every == 1 and not torch.isfinite(norm):
                     raise FloatingPointError(f"phase {phase}: non-finite gradient norm at step {step} (epoch {epoch})")
                 opt.step()
                 task.after_step(step, total)
                 step += 1
-                now = time.perf_counter()
-                rate = per_rank * world / (now - tick)
-                tick = now
-                record({"step": step, "epoch": epoch, "split": "train", "loss": f"{loss.item():.6f}",
-                        "lr": f"{lr:.4e}", "samples_per_s": f"{rate:.2f}", "grad_norm": f"{norm.item():.4f}",
-                        "pairs": pairs, **{k: f"{float(v):.6g}" for k, v in extra.items()}})
-                bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.1f}")
-                bar.update()
-                if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and pos + 1 < per_epoch:
+                pending.add({"step": step, "epoch": epoch, "lr": lr, "loss": loss.detach(), "grad_norm": norm.detach(),
+                             "pairs": pairs, **extra, "extra": tuple(extra)})
+                if len(pending.rows) >= sync_every:
+                    pending.flush(record, bar)
+                if pos + 1 < per_epoch and due():
                     checkpoint(epoch, pos + 1)
+            pending.flush(record, bar)
             if world > 1:  # BatchNorm statistics of rank 0 (those saved) everywhere, as DDP's next forward would
                 for buffer in model.buffers():
                     if buffer.is_floating_point():
@@ -332,8 +445,10 @@ def run_phase(task: PhaseTask, dataset: torch.utils.data.Dataset, cfg: LoopSetti
                         **{k: f"{v:.6g}" for k, v in val.items() if k != "loss"}})
                 log.info("phase %s epoch %d: validation loss %.4f", phase, epoch, val["loss"])
                 if cfg.select == "best_val" and rank == 0 and val["loss"] <= min(h["loss"] for h in history):
+                    writer.wait()
                     atomic_save(model_state(model), best)  # before the epoch's checkpoint: resumable
             checkpoint(epoch + 1, 0)
+        writer.wait()
 
     summary = {"phase": phase, "steps": total, "batch_size": per_rank * world, "world_size": world,
                "precision": str(dtype or torch.float32).replace("torch.", ""),

@@ -18,12 +18,12 @@ import logging
 import math
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from .. import config as cfgmod
 from ..config import digest
 from ..imaging.storage import paths_from
 from ..model.config import ModelConfig
@@ -36,16 +36,17 @@ from ..model.losses import (
     alignment_loss,
     calibrated_targets,
 )
-from .data import CropDataset, TextBank, anatomy_texts
-from .distributed import dist_info, gather_batch, setup_distributed
-from .loop import LoopSettings, PhaseTask, run_phase, seed_everything
+from .acceleration import accelerate
+from .data import CropDataset, TextBank, anatomy_texts, to_device
+from .distributed import all_sum, dist_info, gather_batch, setup_distributed
+from .loop import LoopSettings, PhaseTask, run_phase, seed_everything, validation_loader
 from .trainable import make_momentum_copy, momentum_update, set_trainable
 
 log = logging.getLogger(__name__)
 
 PHASES = ("visual_cl", "align", "normality", "boost", "global")
 SECTIONS = ("visual_cl", "normality", "boost")  # phases with their own train.<phase> settings
-RUNTIME_KEYS = ("threads", "device", "checkpoint_every", "tensorboard", "resume", "workers")
+RUNTIME_KEYS = cfgmod.RUNTIME_KEYS["train"]  # settings that do not change the numbers
 
 
 def phase_model_config(config: ModelConfig, phase: str) -> ModelConfig:
@@ -76,15 +77,15 @@ def init_from(model, init_dir: str | Path) -> None:
 
 def augment_view(image: torch.Tensor) -> torch.Tensor:
     """Second view for phase 1: random gamma, contrast/brightness and Gaussian noise per sample on
-    the same crop, so every anatomy stays complete in both views (torch RNG: resumable)."""
-    b = image.shape[0]
+    the same crop, so every anatomy stays complete in both views. Drawn on the image's device (its
+    RNG is checkpointed: resumable)."""
+    b, dev = image.shape[0], image.device
     shape = (b,) + (1,) * (image.dim() - 1)
-    dev = image.device
-    gamma = torch.exp(torch.empty(shape).uniform_(-0.3, 0.3)).to(dev)
-    scale = torch.empty(shape).uniform_(0.9, 1.1).to(dev)
-    shift = torch.empty(shape).uniform_(-0.05, 0.05).to(dev)
-    noise = torch.randn(image.shape) * 0.02
-    return ((image.clamp(0, 1) ** gamma) * scale + shift + noise.to(dev)).clamp(0, 1)
+    gamma = torch.exp(torch.empty(shape, device=dev).uniform_(-0.3, 0.3))
+    scale = torch.empty(shape, device=dev).uniform_(0.9, 1.1)
+    shift = torch.empty(shape, device=dev).uniform_(-0.05, 0.05)
+    noise = torch.randn(image.shape, device=dev, dtype=image.dtype) * 0.02
+    return ((image.clamp(0, 1) ** gamma) * scale + shift + noise).clamp(0, 1)
 
 
 # ---- the phases --------------------------------------------------------------------------------
@@ -106,22 +107,29 @@ class _SavedPhase(PhaseTask):
 
 
 def batch_loss(model, bank: TextBank, batch: dict, device, loss: AlignmentLoss,
-               gather: bool = False) -> tuple[torch.Tensor, int]:
-    """Eq. 1 loss of a batch and its number of valid (sample, anatomy) pairs. gather: over the global
-    batch of all processes (group ids agree across processes: they come from the whole split)."""
-    image, anatomy = batch["image"].to(device), batch["anatomy"].to(device)
-    valid, normal, tidx = batch["valid"].to(device), batch["normal"].to(device), batch["text_idx"].to(device)
-    group = batch["group"].to(device)
-    img, _ = model.encode_image(image, anatomy)
-    txt = torch.zeros_like(img)
-    rows, cols = torch.nonzero(valid, as_tuple=True)
-    if len(rows):
-        txt[rows, cols] = bank.encode(tidx[rows, cols], cols).to(txt.dtype)
-    t = {"img": img, "txt": txt, "valid": valid, "normal": normal, "group": group}
+               gather: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1 loss of a (loader) batch and its number of valid (sample, anatomy) pairs (a tensor: no
+    device sync). gather: over the global batch of all processes (group ids agree across
+    processes: they come from the whole split)."""
+    on = to_device(batch, device)
+    img, _ = model.encode_image(on["image"], on["anatomy"])
+    txt = bank.embed(batch, on).to(img.dtype)
+    t = {"img": img, "txt": txt, "valid": on["valid"], "normal": on["normal"], "group": on["group"]}
     if gather:
         t = gather_batch(t)
     value = loss(t["img"], t["txt"], AnatomyRows(t["valid"], t["normal"], t["group"]), model.logit_scale)
-    return value, int(t["valid"].sum())
+    return value, t["valid"].sum()
+
+
+def _mean_over(loader, loss_of) -> float:
+    """Pair-weighted mean of ``loss_of(batch) -> (loss, pairs)`` over this process's validation
+    batches, summed over the processes; totals stay on the device until the end."""
+    total = weight = 0.0
+    for batch in loader:
+        loss, pairs = loss_of(batch)
+        total, weight = total + loss.detach().float() * pairs, weight + pairs
+    total, weight = all_sum(total, weight)
+    return total / max(weight, 1.0)
 
 
 class AlignPhase(_SavedPhase):
@@ -132,6 +140,8 @@ class AlignPhase(_SavedPhase):
         self.name, self.device, self.val_loader = name, device, val_loader
         self.train_bank, self.val_bank = TextBank(model, texts[0], device), TextBank(model, texts[1], device)
         self.loss = AlignmentLoss(calibrate)
+        # the perception module sits out a step whose crops hold no anatomy at all
+        self.static_graph = self.train_bank.static and not model.boost
 
     def step(self, batch):
         loss, pairs = batch_loss(self.model, self.train_bank, batch, self.device, self.loss, gather=True)
@@ -143,12 +153,8 @@ class AlignPhase(_SavedPhase):
             self.model.vqvae.eval()  # frozen in phase 4
 
     def validate(self):
-        total, weight = 0.0, 0
-        for batch in self.val_loader:
-            loss, pairs = batch_loss(self.model, self.val_bank, batch, self.device, self.loss)
-            total += loss.item() * pairs
-            weight += pairs
-        return total / max(weight, 1)
+        return _mean_over(self.val_loader,
+                          lambda b: batch_loss(self.model, self.val_bank, b, self.device, self.loss))
 
 
 class VisualContrastPhase(_SavedPhase):
@@ -174,29 +180,26 @@ class VisualContrastPhase(_SavedPhase):
     def _vision_side(net):  # what Eq. 2 trains, and all the key encoder uses
         return torch.nn.ModuleDict({"vision": net.vision, "vis_pool": net.vis_pool, "vis_proj": net.vis_proj})
 
+    static_graph = True
+
     def _loss(self, batch, gather: bool):
-        device = self.device
-        image, anatomy = batch["image"].to(device), batch["anatomy"].to(device)
-        valid, normal = batch["valid"].to(device), batch["normal"].to(device)
+        on = to_device(batch, self.device)
+        image, anatomy = on["image"], on["anatomy"]
         q, _ = self.model.encode_image(image, anatomy)
         with torch.no_grad():
             k, _ = self.key.encode_image(augment_view(image), anatomy)
-        t = {"q": q, "k": k, "valid": valid, "normal": normal}
+        t = {"q": q, "k": k, "valid": on["valid"], "normal": on["normal"]}
         if gather:
             t = gather_batch(t)
         rows = AnatomyRows(t["valid"], t["normal"], torch.zeros_like(t["valid"], dtype=torch.long))
-        return self.loss(t["q"], t["k"], rows, self.scale), int(t["valid"].sum())
+        return self.loss(t["q"], t["k"], rows, self.scale), t["valid"].sum()
 
     def step(self, batch):
         loss, pairs = self._loss(batch, True)
         return loss, pairs, {}
 
     def validate(self):
-        total, weight = 0.0, 0
-        for batch in self.val_loader:
-            loss, pairs = self._loss(batch, False)
-            total, weight = total + loss.item() * pairs, weight + pairs
-        return total / max(weight, 1)
+        return _mean_over(self.val_loader, lambda b: self._loss(b, False))
 
     def train_mode(self):
         self.model.train()
@@ -204,6 +207,36 @@ class VisualContrastPhase(_SavedPhase):
 
     def after_step(self, step, total):
         momentum_update(self.online, self.target, self.momentum)
+
+
+def sync_codebooks(vq, initialised_before: torch.Tensor | None, had_rows: bool = True) -> None:
+    """Keep every process's VQ-VAE codebook identical after a training step. A codebook set up in
+    this step comes from the lowest rank that set it up (each process initialises from its own
+    batch; an average of unrelated codes would mean nothing), and so do the token statistics
+    (set on a process's first call with rows); then the EMA state is averaged.
+    ``initialised_before``: the flags before the step (None: all were set before)."""
+    rank, world = dist_info()
+    if initialised_before is not None:
+        owner = torch.where(vq.initialised & ~initialised_before, rank, world).long()
+        dist.all_reduce(owner, op=dist.ReduceOp.MIN)
+        first = had_rows and not bool(initialised_before.any())
+        stats_owner = torch.tensor([rank if first else world], device=owner.device)
+        dist.all_reduce(stats_owner, op=dist.ReduceOp.MIN)
+        stats_owner = int(stats_owner)
+        for r in sorted(set(owner[owner < world].tolist()) | ({stats_owner} - {world})):
+            for name in ("codebook", "ema_count", "ema_sum", "initialised", "token_mean", "token_scale"):
+                buf = getattr(vq, name)
+                theirs = buf.to(torch.uint8) if buf.dtype == torch.bool else buf.clone()  # gloo has no bool
+                dist.broadcast(theirs, r)
+                theirs = theirs.to(buf.dtype)
+                if name in ("token_mean", "token_scale"):
+                    if stats_owner == r:
+                        buf.copy_(theirs)
+                else:
+                    buf.copy_(torch.where((owner == r).view(-1, *([1] * (buf.dim() - 1))), theirs, buf))
+    for buf in (vq.codebook, vq.ema_count, vq.ema_sum):
+        dist.all_reduce(buf)
+        buf /= world
 
 
 class NormalityPhase(_SavedPhase):
@@ -219,41 +252,43 @@ class NormalityPhase(_SavedPhase):
         self.device, self.val_loader, self.vq = device, val_loader, model.vqvae
 
     def _rows(self, batch, which):
-        image, anatomy = batch["image"].to(self.device), batch["anatomy"].to(self.device)
-        valid, normal = batch["valid"].to(self.device), batch["normal"].to(self.device)
+        on = to_device(batch, self.device)
         with torch.no_grad():
-            return self.model.anatomy_rows(image, anatomy, valid & which(normal))
+            return self.model.anatomy_rows(on["image"], on["anatomy"], on["valid"] & which(on["normal"])), on
 
     def step(self, batch):
         vq = self.vq
-        rows = self._rows(batch, lambda normal: normal)
+        rows, _ = self._rows(batch, lambda normal: normal)
+        fresh = None if dist_info()[1] == 1 or bool(vq.initialised.all()) else vq.initialised.clone()
         out = vq(rows.tokens, rows.pad, rows.anatomy)
-        if dist_info()[1] > 1:  # keep every process's codebook identical: average the EMA state
-            for buf in (vq.codebook, vq.ema_count, vq.ema_sum):
-                dist.all_reduce(buf)
-                buf /= dist_info()[1]
-        stats = vq.codebook_stats()
-        return out.loss, int(rows.tokens.shape[0]), {"recon": out.recon_loss.item(), "commit": out.commit_loss.item(),
-                                                     "perplexity": stats["mean_perplexity"],
-                                                     "dead_codes": stats["mean_dead_codes"]}
+        if dist_info()[1] > 1:
+            sync_codebooks(vq, fresh, rows.tokens.shape[0] > 0)
+        perplexity, dead = vq.usage_means()
+        return out.loss, int(rows.tokens.shape[0]), {"recon": out.recon_loss.detach(),
+                                                     "commit": out.commit_loss.detach(),
+                                                     "perplexity": perplexity, "dead_codes": dead}
 
     @torch.no_grad()
     def validate(self) -> dict:
-        errors = {True: [], False: []}
+        """Mean reconstruction error of the normal and of the abnormal validation rows."""
+        sums = {True: 0.0, False: 0.0}
+        counts = {True: 0.0, False: 0.0}
         for batch in self.val_loader:
-            rows = self._rows(batch, lambda normal: torch.ones_like(normal))
+            rows, on = self._rows(batch, lambda normal: torch.ones_like(normal))
             if not rows.tokens.shape[0]:
                 continue
-            err = self.vq(rows.tokens, rows.pad, rows.anatomy, update_codebook=False).row_error
-            is_normal = batch["normal"].to(self.device)[rows.batch, rows.anatomy]
+            err = self.vq(rows.tokens, rows.pad, rows.anatomy, update_codebook=False).row_error.float()
+            is_normal = on["normal"][rows.batch, rows.anatomy]
             for flag in (True, False):
-                errors[flag] += err[is_normal == flag].tolist()
+                pick = (is_normal == flag).float()
+                sums[flag], counts[flag] = sums[flag] + (err * pick).sum(), counts[flag] + pick.sum()
+        s_n, s_a, n_n, n_a = all_sum(sums[True], sums[False], counts[True], counts[False])
 
-        def mean(values):
-            return float(np.mean(values)) if values else float("nan")
+        def mean(total, n):
+            return total / n if n else float("nan")
 
-        return {"loss": mean(errors[True]), "recon_normal": mean(errors[True]), "recon_abnormal": mean(errors[False]),
-                "n_normal": len(errors[True]), "n_abnormal": len(errors[False])}
+        return {"loss": mean(s_n, n_n), "recon_normal": mean(s_n, n_n), "recon_abnormal": mean(s_a, n_a),
+                "n_normal": int(n_n), "n_abnormal": int(n_a)}
 
     def train_mode(self):
         self.model.eval()
@@ -279,39 +314,38 @@ class GlobalPhase(_SavedPhase):
         super().__init__(model, out_dir, info)
         self.device, self.reports, self.val_loader = device, reports, val_loader
 
+    static_graph = True
+
     def _loss(self, batch, split: int, gather: bool):
-        img = self.model.encode_image_global(batch["image"].to(self.device))
-        txt = self.model.encode_report_global([self.reports[split][i] for i in batch["index"].tolist()])
+        img = self.model.encode_image_global(to_device(batch, self.device)["image"])
+        txt = self.model.encode_report_global([self.reports[split][i] for i in batch["index"].numpy()])
         valid = torch.ones(img.shape[0], 1, dtype=torch.bool, device=self.device)
         t = {"img": img[:, None], "txt": txt[:, None], "valid": valid}
         if gather:
             t = gather_batch(t)
         pos = calibrated_targets(t["valid"], torch.zeros_like(t["valid"]), torch.zeros_like(t["valid"], dtype=torch.long),
                                  calibrate=False)
-        return alignment_loss(t["img"], t["txt"], t["valid"], pos, self.model.logit_scale), int(t["valid"].sum())
+        return alignment_loss(t["img"], t["txt"], t["valid"], pos, self.model.logit_scale), t["valid"].sum()
 
     def step(self, batch):
         loss, n = self._loss(batch, 0, True)
         return loss, n, {}
 
     def validate(self):
-        total, weight = 0.0, 0
-        for batch in self.val_loader:
-            loss, n = self._loss(batch, 1, False)
-            total, weight = total + loss.item() * n, weight + n
-        return total / max(weight, 1)
+        return _mean_over(self.val_loader, lambda b: self._loss(b, 1, False))
 
 
 # ---- one phase into a folder ---------------------------------------------------------------------
 
 
 def _split_dataset(cases: pl.DataFrame, reports: pl.DataFrame, split: str, cfg_train: dict, stride: int,
-                   flip: bool, seed: int):
+                   mode: str, seed: int):
     chosen = cases.filter(pl.col("split") == split)
     ids, paths = chosen["case_id"].to_list(), paths_from(chosen)
     texts = anatomy_texts(reports, ids, cfg_train["unmentioned_as_normal"])
-    dataset = CropDataset([paths[c] for c in ids], texts, cfg_train["crop_size"], stride, flip, seed, True)
-    return dataset, texts.texts, ids
+    dataset = CropDataset([paths[c] for c in ids], texts, cfg_train["crop_size"], stride, cfg_train["flip"], seed,
+                          mode)
+    return dataset, texts, ids
 
 
 def run(phase: str, cases, reports, out_dir, cfg_model: dict | ModelConfig, cfg_train: dict, seed: int,
@@ -338,15 +372,17 @@ def run(phase: str, cases, reports, out_dir, cfg_model: dict | ModelConfig, cfg_
         case_table, report_table = pl.read_parquet(cases), pl.read_parquet(reports)
         stride = model.vision.stride
         train_ds, train_texts, train_ids = _split_dataset(case_table, report_table, "train", cfg_train, stride,
-                                                          cfg_train["flip"], seed)
-        val_ds, val_texts, val_ids = _split_dataset(case_table, report_table, "val", cfg_train, stride, False, seed)
+                                                          "random", seed)
+        val_ds, val_texts, val_ids = _split_dataset(case_table, report_table, "val", cfg_train, stride, "center", seed)
         if len(train_ds) < 2:
             raise ValueError(f"training needs at least 2 training cases, found {len(train_ds)}")
-        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=min(train_settings["batch_size"], len(train_ds)))
+        accelerated = accelerate(model, cfg_train, device)
+        val_loader = validation_loader(val_ds, max(1, min(train_settings["batch_size"], len(train_ds)) // dist_info()[1]),
+                                       cfg_train["workers"], device, seed)
         info = {"phase": phase, "init": str(init) if init else None,
                 "contrast": contrast if phase == "visual_cl" else None, "train_cases": len(train_ds),
                 "val_cases": len(val_ds), "device": str(device), "seed": seed, "trainable": trainable,
-                "train": train_settings}
+                "train": train_settings, "speed": accelerated}
         common = {"model": model, "out_dir": out_dir, "info": info}
         if phase in ("align", "boost"):
             task = AlignPhase(**common, name=phase, device=device, texts=(train_texts, val_texts),
@@ -361,7 +397,7 @@ def run(phase: str, cases, reports, out_dir, cfg_model: dict | ModelConfig, cfg_
             report_of = dict(zip(case_table["case_id"], case_table["report_text"]))
             task = GlobalPhase(**common, device=device, val_loader=val_loader,
                                reports=([report_of[c] for c in train_ids], [report_of[c] for c in val_ids]))
-        fingerprint = {"model": model_config.to_dict(), "cases": train_ids, "texts": digest(train_texts),
+        fingerprint = {"model": model_config.to_dict(), "cases": train_ids, "texts": digest(train_texts.texts),
                        "init": info["init"], "contrast": info["contrast"],
                        "train": {k: v for k, v in cfg_train.items() if k not in RUNTIME_KEYS and
                                  (not isinstance(v, dict) or k == phase)}}
