@@ -99,3 +99,19 @@ def test_volumes_smaller_than_the_crop_are_padded_to_the_crop_and_stride(case):
     assert tuple(item["anatomy"].shape) == (48, 20, 16)
     assert torch.equal(item["anatomy"][:40, :16], torch.from_numpy(full)) and item["anatomy"][40:].sum() == 0
     assert item["valid"][A.index - 1] and item["valid"][B.index - 1] and not item["valid"][C.index - 1]
+
+
+def test_to_device_flips_only_the_chosen_samples_and_leaves_the_batch_alone():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 1, 4, 5, 6, generator=gen).half()
+    anatomy = torch.randint(0, 9, (3, 4, 5, 6), generator=gen, dtype=torch.uint8)
+    batch = {"image": image.clone(), "anatomy": anatomy.clone(), "flip": torch.tensor([True, False, True])}
+    out = to_device(batch, torch.device("cpu"))
+    assert out["image"].dtype == torch.float32
+    for i, flipped in enumerate([True, False, True]):
+        want_img = image[i].float().flip(1) if flipped else image[i].float()
+        want_map = anatomy[i].flip(0) if flipped else anatomy[i]
+        assert torch.equal(out["image"][i], want_img) and torch.equal(out["anatomy"][i], want_map)
+    assert torch.equal(batch["image"], image) and torch.equal(batch["anatomy"], anatomy)  # caller's batch untouched
+    same = to_device({"image": image.float(), "anatomy": anatomy, "flip": torch.zeros(3, dtype=torch.bool)}, "cpu")
+    assert torch.equal(same["image"], image.float()) and torch.equal(same["anatomy"], anatomy)

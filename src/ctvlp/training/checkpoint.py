@@ -65,10 +65,14 @@ class CheckpointWriter:
         except BaseException as e:  # re-raised on the training thread by wait()
             self._error = e
 
-    def wait(self, raise_error: bool = True) -> None:
+    def settle(self) -> None:
+        """Block until the write in flight (if any) is done; its error stays for ``wait``."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def wait(self, raise_error: bool = True) -> None:
+        self.settle()
         error, self._error = self._error, None
         if error is not None and raise_error:
             raise error

@@ -158,14 +158,22 @@ class CropDataset(torch.utils.data.Dataset):
 
 def to_device(batch: dict, device) -> dict:
     """A collated batch on ``device`` (non-blocking copies from the loader's pinned memory), the
-    image as float32, and each sample flipped left-right there where its ``flip`` says so."""
+    image as float32, and each sample flipped left-right there where its ``flip`` says so. Which
+    samples flip is read from the loader's CPU tensor, so nothing waits on the device, and only
+    those samples are touched (one conversion pass plus the flipped half, also cheap on the CPU)."""
+    flips = batch.get("flip")
+    chosen = torch.from_numpy(np.flatnonzero(flips.cpu().numpy())) if torch.is_tensor(flips) else None
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     if "image" in out:
-        image, anatomy = out["image"].float(), out["anatomy"]
-        if "flip" in out:
-            flip = out["flip"]
-            image = torch.where(flip.view(-1, 1, 1, 1, 1), image.flip(2), image)
-            anatomy = torch.where(flip.view(-1, 1, 1, 1), anatomy.flip(1), anatomy)
+        image, anatomy = out["image"], out["anatomy"]
+        flip_any = chosen is not None and len(chosen) > 0
+        # a fresh float32 tensor either way, so flipping in place never touches the caller's batch
+        image = image.float() if image.dtype != torch.float32 else (image.clone() if flip_any else image)
+        if flip_any:
+            rows = chosen.to(device, non_blocking=True)
+            image[rows] = image[rows].flip(2)
+            anatomy = anatomy.clone() if anatomy is batch["anatomy"] else anatomy
+            anatomy[rows] = anatomy[rows].flip(1)
         out["image"], out["anatomy"] = image, anatomy
     return out
 

@@ -273,8 +273,8 @@ class _Pending:
     """Step values kept on the device until the next sync; ``flush`` copies them to the host in one
     transfer, checks that losses and gradient norms are finite and writes the metrics rows."""
 
-    def __init__(self, phase: str, ckpt: Path, samples_per_step: int):
-        self.phase, self.ckpt, self.samples = phase, ckpt, samples_per_step
+    def __init__(self, phase: str, ckpt: Path, samples_per_step: int, writer: CheckpointWriter | None = None):
+        self.phase, self.ckpt, self.samples, self.writer = phase, ckpt, samples_per_step, writer
         self.rows: list[dict] = []
         self.tick = time.perf_counter()
 
@@ -296,6 +296,8 @@ class _Pending:
         for n, row in enumerate(self.rows):
             if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
                 what = "loss" if not math.isfinite(row["loss"]) else "gradient norm"
+                if self.writer is not None:  # a checked checkpoint still being written completes first
+                    self.writer.settle()
                 kept = f"the last checkpoint {self.ckpt} is kept" if self.ckpt.exists() else \
                     "no checkpoint was written yet"
                 self.rows = []
@@ -378,7 +380,7 @@ def run_phase(task: PhaseTask, dataset: torch.utils.data.Dataset, cfg: LoopSetti
 
         bar = stack.enter_context(tqdm(total=total, initial=step, desc=f"train {phase}", unit="step",
                                        disable=rank != 0))
-        pending = _Pending(phase, ckpt, per_rank * world)
+        pending = _Pending(phase, ckpt, per_rank * world, writer)
 
         def checkpoint(epoch: int, pos: int):
             nonlocal last_checkpoint
