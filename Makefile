@@ -51,8 +51,10 @@ demo: install
 
 # the ablation (CLIP, fVLM, + instance CL, + disease CL, ViSD-Boost) on the demo's training cases with
 # 400 more test cases (config.ablation.yaml, results_ablation/): paired CIs in results_ablation/eval/ablation.md
+# targets first: --configfile takes every word after it as a config file
+ABLATION_TARGETS = all ablation
 ablation: install
-	$(BIN)/snakemake --cores $(CORES) --configfile config.ablation.yaml all ablation
+	$(BIN)/snakemake $(ABLATION_TARGETS) --cores $(CORES) --configfile config.ablation.yaml
 	$(BIN)/snakemake --cores $(CORES) --configfile config.ablation.yaml --report results_ablation/report.html
 
 demo-full: ablation

@@ -1,7 +1,9 @@
 """Runs the whole Snakefile on a tiny config in a temporary folder (a few minutes on 2 cores)."""
 
 import json
+import shlex
 import shutil
+import subprocess
 
 import matplotlib.image
 import numpy as np
@@ -93,6 +95,7 @@ def test_html_report_holds_tables_figures_and_captions(run):
                  "tsne.png", "activation_histograms.png", "activation_maps.png", "metrics.csv"):
         assert name in html, name
     assert "t-SNE of test anatomy embeddings" in html  # a caption from workflow/report/
+    assert "System Message" not in html  # every caption is valid reStructuredText (docutils embeds its errors)
     img = matplotlib.image.imread(run / "results/eval/figures/roc_per_organ.png")
     assert img.ndim == 3 and img.shape[0] > 100 and img[..., :3].std() > 0  # a drawn figure, not blank
 
@@ -145,3 +148,22 @@ def test_every_command_gets_the_rules_threads(run):
 def test_lint_is_clean(configfile):
     out = snakemake(REPO, "--lint", *(["--configfile", str(configfile)] if configfile else []))
     assert out.returncode == 0 and "good condition" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("target", ["demo", "ablation"])
+def test_make_targets_plan_their_workflow(tmp_path, target):
+    """The Makefile's snakemake commands, as make would run them, plan the intended jobs (dry run in
+    a copy of the configs): argument order matters (--configfile takes every word after it)."""
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    for name in ("config.yaml", "config.ablation.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    out = subprocess.run(["make", "-n", "-s", "-C", str(REPO), target], capture_output=True, text=True, check=True)
+    runs = [shlex.split(line) for line in out.stdout.splitlines()
+            if "snakemake" in line.split()[0] and "--report" not in line]
+    assert runs, out.stdout
+    for argv in runs:
+        jobs = planned_jobs(tmp_path, *argv[1:])
+        assert jobs.get("cohort") == 1 and jobs.get("all") == 1, jobs  # the rest waits for the cohort checkpoint
+        if target == "ablation":
+            assert jobs.get("ablation") == 1 and jobs["train"] == 8 and jobs["evaluate_zeroshot"] == 5, jobs
