@@ -163,7 +163,8 @@ def _old_checkout(ref: str, parent: Path) -> Path:
 def _markdown(rows: list[dict], info: dict) -> str:
     lines = ["# DAG scale and per-job start-up", "", f"- machine: {info['machine']}", f"- date: {info['date']}",
              f"- versions: {info['versions']}", f"- command: `{info['command']}`",
-             f"- old: revision `{info['old_ref']}` (before sharding: one job per case and stage)", "",
+             (f"- old: revision `{info['old_ref']}` (before sharding: one job per case and stage)" if info["old_ref"]
+              else "- old: not run (no --old-ref)"), "",
              "## Dry run (`snakemake -n`) on a synthetic manifest", "",
              "| cases | version | jobs | wall (s) | peak RSS (MB) |", "|---:|---|---:|---:|---:|"]
     for r in (r for r in rows if r["part"] == "dry_run"):
