@@ -62,3 +62,17 @@ def test_unusable_scan_gives_a_clear_error(ts, model_dir, tmp_path):
     bad.write_bytes((ts / "example_ct_sm.nii.gz").read_bytes()[:5000])
     with pytest.raises(ValueError, match="cannot be used: .*truncated"):
         ctvlp.load_model(model_dir, CONFIG, device="cpu").predict(bad, mask=ts / "example_seg.nii.gz")
+
+
+def test_thresholds_and_prompt_style_come_from_the_evaluations_table(tmp_path):
+    from ctvlp.predict import read_thresholds
+
+    table = pl.DataFrame({"disease_id": ["a", "b", "mean"], "threshold": [0.3, None, None],
+                          "prompt_style": ["report", "report", None]})
+    table.write_csv(tmp_path / "chosen.csv")
+    assert read_thresholds(tmp_path / "chosen.csv") == ({"a": 0.3}, "report")
+    table.with_columns(pl.lit(None, pl.Utf8).alias("prompt_style")).write_csv(tmp_path / "none.csv")
+    assert read_thresholds(tmp_path / "none.csv") == ({"a": 0.3}, None)  # no style recorded: the catalog's first
+    table.drop("prompt_style").write_csv(tmp_path / "old.csv")  # a table from before prompt styles
+    assert read_thresholds(tmp_path / "old.csv") == ({"a": 0.3}, None)
+    assert read_thresholds(None) == ({}, None)

@@ -79,7 +79,8 @@ def read_thresholds(path: str | Path | None) -> tuple[dict[str, float], str | No
     if path is None:
         return {}, None
     table = pl.read_csv(path)
-    style = table["prompt_style"].drop_nulls()[0] if "prompt_style" in table.columns else None
+    styles = table["prompt_style"].drop_nulls().to_list() if "prompt_style" in table.columns else []
+    style = styles[0] if styles else None
     rows = table.filter(pl.col("disease_id") != "mean").drop_nulls("threshold")
     return dict(zip(rows["disease_id"], rows["threshold"])), style
 

@@ -243,3 +243,14 @@ def replace_dir(final) -> Iterator[Path]:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)  # the checked old content, renamed by us
+
+
+def write_parquet_atomic(table, path) -> Path:
+    """Write the polars ``table`` to ``path`` through a temporary file beside it and one rename:
+    readers see the old file or the complete new one, never a half-written table."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    table.write_parquet(tmp)
+    os.replace(tmp, path)
+    return path

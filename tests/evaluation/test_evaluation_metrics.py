@@ -198,3 +198,11 @@ def test_paired_difference_resamples_the_same_cases_for_both():
     # paired: narrower than the difference of two independent CIs would be
     _, (a_low, a_high) = metrics.bootstrap_auc(better, 200)
     assert high - low < a_high - a_low + (metrics.bootstrap_auc(pred, 200)[1][1] - metrics.bootstrap_auc(pred, 200)[1][0])
+
+
+def test_paired_difference_without_a_scorable_disease_is_nan_not_a_crash():
+    pred = _pred(1, n=40)
+    one_class = pred.with_columns(label=pl.lit(0).cast(pred["label"].dtype))  # no positives anywhere
+    assert all(np.isnan(v) for v in metrics.paired_difference(one_class, pred, 50))
+    other_cases = pred.with_columns(case_id=pl.col("case_id") + "_x")  # no shared test case
+    assert all(np.isnan(v) for v in metrics.paired_difference(other_cases, pred, 50))

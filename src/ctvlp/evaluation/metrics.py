@@ -145,6 +145,8 @@ def paired_difference(pred: pl.DataFrame, reference: pl.DataFrame, n_resamples: 
     ones = np.ones((1, len(cases)))
     point = [_resampled_aucs(p, cases, ones) for p in (pred, reference)]
     shared = [d for d in point[0] if d in point[1] and not np.isnan(point[0][d][0]) and not np.isnan(point[1][d][0])]
+    if not shared:  # no disease with both classes among the shared test cases: no difference to report
+        return float("nan"), float("nan"), float("nan")
     diff = float(np.mean([point[0][d][0] for d in shared]) - np.mean([point[1][d][0] for d in shared]))
     weights = _resample_weights(len(cases), n_resamples, seed)
     a, b = (_resampled_aucs(p, cases, weights) for p in (pred, reference))
@@ -152,6 +154,8 @@ def paired_difference(pred: pl.DataFrame, reference: pl.DataFrame, n_resamples: 
     ok = ~np.isnan(both[0]) & ~np.isnan(both[1])
     diffs = np.array([both[0][ok[:, r], r].mean() - both[1][ok[:, r], r].mean() for r in range(n_resamples)
                       if ok[:, r].any()])
+    if len(diffs) == 0:
+        return diff, float("nan"), float("nan")
     low, high = np.percentile(diffs, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return diff, float(low), float(high)
 

@@ -19,15 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import polars as pl
 
-from ..config import digest
 from ..cohort.schema import PREPROCESS, SEGMENT
-from ..workspace import check_case_id, replace_dir
+from ..config import digest
+from ..workspace import check_case_id, replace_dir, write_parquet_atomic
 from .exclusion import CaseExcluded, read_exclusion, write_exclusion
 from .preprocess import preprocess_case
 from .segment import segment_case
@@ -87,19 +86,18 @@ def run_case(stage: str, case_id: str, out_dir, work, stamp: dict | None = None)
     """``work(folder)`` for one case into a fresh folder that replaces ``out_dir`` only when
     complete; a ``CaseExcluded`` becomes ``out_dir``/excluded.json with its reason. Returns the
     reason of an exclusion, else None."""
-    reason = None
+    def stamped(write):
+        with replace_dir(out_dir) as tmp:
+            write(tmp)
+            if stamp:
+                (tmp / STAMP).write_text(json.dumps(stamp), encoding="utf-8")
+
     try:
-        with replace_dir(out_dir) as tmp:
-            work(tmp)
-            if stamp:
-                (tmp / STAMP).write_text(json.dumps(stamp), encoding="utf-8")
+        stamped(work)
     except CaseExcluded as e:
-        reason = e.reason
-        with replace_dir(out_dir) as tmp:
-            write_exclusion(tmp, case_id, e.stage or stage, e.reason)
-            if stamp:
-                (tmp / STAMP).write_text(json.dumps(stamp), encoding="utf-8")
-    return reason
+        stamped(lambda tmp: write_exclusion(tmp, case_id, e.stage or stage, e.reason))
+        return e.reason
+    return None
 
 
 def _segment_settings(settings: dict) -> dict:
@@ -181,11 +179,7 @@ def run_shard(stage: str, manifest, shard: int, shard_size: int, settings: dict,
         log.info("%s shard %d: case %d of %d (%s) %s in %.2f s", stage, shard, i, len(cases), case_id, status,
                  rows[-1]["seconds"])
     table = pl.DataFrame(rows, schema=SHARD_SCHEMA)
-    out = Path(table_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    table.write_parquet(tmp)
-    os.replace(tmp, out)
+    write_parquet_atomic(table, table_out)
     counts = dict(table.group_by("status").len().iter_rows())
     log.info("%s shard %d: %d cases in %.1f s (%s)", stage, shard, len(cases), time.perf_counter() - start, counts)
     return table

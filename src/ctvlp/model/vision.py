@@ -45,7 +45,7 @@ class VisionEncoder(nn.Module):
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.net.conv1
-        if not self.channels_last:
+        if not self.channels_last or x.shape[1] >= self.STEM_CHANNELS:
             return conv(x)
         extra = self.STEM_CHANNELS - x.shape[1]
         x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, extra)).contiguous(memory_format=torch.channels_last_3d)

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import polars as pl
 
+from ..workspace import write_parquet_atomic
 from . import rules
 from .schema import REPORT_SCHEMA
 
@@ -30,9 +30,5 @@ def write_reports(manifest_path, out_path, settings: dict) -> pl.DataFrame:
             raise SystemExit("reports.backend llm needs reports.llm.model (the served model name)")
         llm["cache_dir"] = llm["cache_dir"] or str(Path(out_path).parent / "llm_cache")
         table = parse_reports(manifest, llm, progress=True)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")  # beside it, then renamed: never a half-written table
-    table.select(list(REPORT_SCHEMA)).write_parquet(tmp)
-    os.replace(tmp, out)
+    write_parquet_atomic(table.select(list(REPORT_SCHEMA)), out_path)
     return table
