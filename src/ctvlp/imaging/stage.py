@@ -95,8 +95,9 @@ def run_case(stage: str, case_id: str, out_dir, work, stamp: dict | None = None)
     try:
         stamped(work)
     except CaseExcluded as e:
-        stamped(lambda tmp: write_exclusion(tmp, case_id, e.stage or stage, e.reason))
-        return e.reason
+        where, reason = e.stage or stage, e.reason
+        stamped(lambda tmp: write_exclusion(tmp, case_id, where, reason))
+        return reason
     return None
 
 
