@@ -94,7 +94,7 @@ def model_parameters(model: dict) -> int:
     transformers), to refuse absurd settings before anything is allocated."""
     widths = model.get("widths") or [64, 128, 256, 512]
     conv = sum(27 * (w_in * w + 3 * w * w) for w_in, w in zip([1, *widths[:-1]], widths))
-    channels = widths[2] + widths[3] if model.get("token_stage") == 3 else widths[3]
+    channels = sum(widths[model.get("token_stage", 4) - 1:])
     heads = 36 * channels * model.get("embed_dim", 512) + 4 * channels * channels
     vq = 2 * model.get("vq_depth", 2) * 12 * model.get("vq_dim", 1024) ** 2 if model.get("vq_codes") else 0
     return int(conv + heads + vq)

@@ -363,3 +363,8 @@ def test_extra_test_cases_leave_the_training_cases_as_they_were(tmp_path, monkey
             assert np.array_equal(a, b)
     truth = pl.read_parquet("b/ground_truth.parquet")
     assert set(truth["case_id"]) == set(more["case_id"])
+    # extra validation and training cases come after the extra test cases, which keep their indices
+    most = pl.read_parquet(write_cohort("c", 10, SEED, extra_test=3, extra_val=2, extra_train=2))
+    assert most["split"][10:].to_list() == ["test"] * 3 + ["val"] * 2 + ["train"] * 2
+    assert most.head(13).select(same).equals(more.select(same))
+    assert most["case_id"][13:].to_list() == [f"demo_{i:04d}" for i in range(13, 17)]

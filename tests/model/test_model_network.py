@@ -159,13 +159,61 @@ def test_locked_text_head_trains_only_the_vision_side():
     assert m.vision.net.conv1.weight.grad is not None
 
 
-def test_stage3_tokens_double_the_grid():
-    m4 = CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), embed_dim=16, heads=2, token_stage=4, vq_codes=0))
-    m3 = CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), embed_dim=16, heads=2, token_stage=3, vq_codes=0))
+def test_earlier_token_stages_refine_the_grid():
+    m = {s: CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), embed_dim=16, heads=2, token_stage=s, vq_codes=0))
+         for s in (2, 3, 4)}
     x = torch.rand(1, 1, 32, 32, 48)
-    f4, f3 = m4.vision(x), m3.vision(x)
-    assert f4.shape[2:] == (2, 2, 3) and f3.shape[2:] == (4, 4, 6)
-    assert f3.shape[1] == 8 + 16 and m3.vision.stride == 8 and m4.vision.stride == 16
+    f = {s: m[s].vision(x) for s in m}
+    assert f[4].shape[2:] == (2, 2, 3) and f[3].shape[2:] == (4, 4, 6) and f[2].shape[2:] == (8, 8, 12)
+    assert (f[3].shape[1], f[2].shape[1]) == (8 + 16, 8 + 8 + 16)
+    assert (m[2].vision.stride, m[3].vision.stride, m[4].vision.stride) == (4, 8, 16)
+    # same weights: the stage-2 map's deepest channels are the last stage's map, upsampled (nearest)
+    m[2].vision.load_state_dict(m[4].vision.state_dict())
+    up = torch.nn.functional.interpolate(m[4].vision(x), size=(8, 8, 12), mode="nearest")
+    assert torch.allclose(m[2].vision(x)[:, -16:], up, atol=1e-6)
+    # the tokens of a stage-2 map: one mask per anatomy on its 8 x 8 x 12 grid
+    anat = torch.zeros(1, 32, 32, 48, dtype=torch.uint8)
+    anat[0, :4, :4, :4] = 3  # one 4-voxel cube = exactly one stride-4 cell
+    _, allowed = m[2].image_tokens(x, anat)
+    assert allowed.shape == (1, N_ANATOMIES, 8 * 8 * 12) and allowed[0, 2].sum() == 1 and allowed[0, 2, 0]
+
+
+def test_text_center_subtracts_each_anatomys_mean_training_text():
+    """model.text_center: the centre is the row-weighted mean of the uncentred embeddings of the
+    training texts per anatomy; prompts and texts are embedded minus it, renormalised; an anatomy
+    without texts keeps a zero centre (embeddings unchanged); the centre is saved with the weights."""
+    cfg = dict(widths=(4, 8, 8, 16), embed_dim=16, heads=2, train_text_head=False, vq_codes=0)
+    torch.manual_seed(0)
+    plain = CTVLP(ModelConfig.from_settings(**cfg))
+    torch.manual_seed(0)
+    centred = CTVLP(ModelConfig.from_settings(**cfg, text_center=True))
+    assert "txt_center" in centred.state_dict() and "txt_center" not in plain.state_dict()
+    texts = ["The liver is unremarkable.", "Hepatic cyst.", "Fatty liver.", "Renal cyst."]
+    # cases x anatomies (only anatomies 0 and 1 have texts); text 0 on two cases weighs twice
+    idx = -torch.ones(4, N_ANATOMIES, dtype=torch.long)
+    idx[:, 0] = torch.tensor([0, 0, 1, 2])
+    idx[0, 1] = 3
+    centred.set_text_center(texts, idx.numpy())
+    liver = plain.encode_texts(texts[:3], torch.zeros(3, dtype=torch.long))
+    mean = (2 * liver[0] + liver[1] + liver[2]) / 4
+    assert torch.allclose(centred.txt_center[0], mean, atol=1e-5)
+    kidney = plain.encode_texts([texts[3]], torch.tensor([1]))
+    assert torch.allclose(centred.txt_center[1], kidney[0], atol=1e-5)
+    assert centred.txt_center[2:].abs().sum() == 0
+    got = centred.encode_texts(texts[:3], torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(got, torch.nn.functional.normalize(liver - mean, dim=-1), atol=1e-5)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(3))
+    # centring spreads the liver texts apart: their mean pairwise cosine drops (towards -1/(n-1))
+    iu = torch.triu_indices(3, 3, 1)
+    assert (got @ got.T)[iu[0], iu[1]].mean() < (liver @ liver.T)[iu[0], iu[1]].mean() - 0.2
+    # an anatomy without training texts: embeddings as without centring
+    assert torch.allclose(centred.encode_texts(["Normal spleen."], torch.tensor([5])),
+                          plain.encode_texts(["Normal spleen."], torch.tensor([5])), atol=1e-6)
+    reloaded = CTVLP(ModelConfig.from_settings(**cfg, text_center=True))
+    reloaded.load_state_dict(centred.state_dict())
+    assert torch.equal(reloaded.txt_center, centred.txt_center)
+    with pytest.raises(ValueError, match="text_center=True"):
+        plain.set_text_center(texts, idx.numpy())
 
 
 def test_fvlm_calibration_pairs_abnormal_rows_by_their_findings_hand_computed():

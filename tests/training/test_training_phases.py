@@ -96,3 +96,35 @@ def test_second_view_changes_intensities_not_geometry():
     # a monotone intensity change: the voxel order within a sample is nearly kept
     r = torch.corrcoef(torch.stack([x[0].flatten(), v[0].flatten()]))[0, 1]
     assert r > 0.9
+
+
+def test_text_center_is_set_once_from_the_training_reports(tiny_cohort, tmp_path):
+    """model.text_center: phase 2 sets each anatomy's centre from the TRAINING split's texts (a
+    later phase started from those weights keeps it, even if it were given other reports)."""
+    from ctvlp.model.io import load_model
+    from ctvlp.training.data import anatomy_texts
+
+    model_cfg = {**MODEL, "vq_codes": 0, "train_text_head": False, "text_center": True}
+    s = config.validate({"model": model_cfg, "train": {
+        "epochs": 1, "batch_size": 6, "crop_size": [32, 32, 48], "flip": False, "threads": 2, "device": "cpu",
+        "warmup_epochs": 0}})
+    cases, reports = pl.read_parquet(tiny_cohort["cases"]), pl.read_parquet(tiny_cohort["reports"])
+    run("align", tiny_cohort["cases"], tiny_cohort["reports"], tmp_path / "a", s["model"], s["train"], 0)
+    saved = load_model(tmp_path / "a").txt_center
+    train_ids = cases.filter(pl.col("split") == "train")["case_id"].to_list()
+    texts = anatomy_texts(reports, train_ids, True)
+    expected = load_model(tmp_path / "a")  # the same (locked) text head; its centre recomputed
+    expected.txt_center.zero_()
+    expected.set_text_center(texts.texts, texts.text_idx)
+    assert saved.abs().sum() > 0 and torch.allclose(saved, expected.txt_center, atol=1e-5)
+    # not from all cases: the validation split's texts would give another centre
+    every = anatomy_texts(reports, cases["case_id"].to_list(), True)
+    other = load_model(tmp_path / "a")
+    other.txt_center.zero_()
+    other.set_text_center(every.texts, every.text_idx)
+    assert not torch.allclose(saved, other.txt_center, atol=1e-4)
+    # a phase started from these weights keeps the centre, whatever reports it reads
+    changed = tmp_path / "changed.parquet"
+    reports.with_columns(pl.lit("Changed wording of every finding.").alias("text")).write_parquet(changed)
+    run("align", tiny_cohort["cases"], changed, tmp_path / "b", s["model"], s["train"], 0, init=tmp_path / "a")
+    assert torch.equal(load_model(tmp_path / "b").txt_center, saved)

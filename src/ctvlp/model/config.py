@@ -24,6 +24,7 @@ class ModelConfig:
     text_max_length: int
     train_text_encoder: bool
     train_text_head: bool
+    text_center: bool  # subtract each anatomy's mean training-text embedding (CTVLP.set_text_center)
     temperature: float
     vq_codes: int  # 0: no VQ-VAE (phases 1-2 and the baselines)
     vq_dim: int

@@ -49,6 +49,10 @@ class CTVLP(nn.Module):
         self.txt_proj = AnatomyProjection(m, ct, config.embed_dim, shared_orthogonal=True)
         self.txt_pool.requires_grad_(config.train_text_head)
         self.txt_proj.requires_grad_(config.train_text_head)
+        if config.text_center:  # per-anatomy mean training-text direction; zeros until set_text_center
+            self.register_buffer("txt_center", torch.zeros(m, config.embed_dim))
+        else:
+            self.txt_center = None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.temperature)))
         self.vqvae = self.perception = None
         if config.vq_codes:
@@ -171,9 +175,40 @@ class CTVLP(nn.Module):
 
     def encode_text_tokens(self, hidden: torch.Tensor, attention_mask: torch.Tensor, anatomy_idx: torch.Tensor):
         """hidden (N, T, H) token features, attention_mask (N, T), anatomy_idx (N,) -> (N, D)."""
+        z = self._text_direction(hidden, attention_mask, anatomy_idx)
+        if self.txt_center is None:
+            return z
+        return F.normalize(z - self.txt_center[anatomy_idx], dim=-1)
+
+    def _text_direction(self, hidden, attention_mask, anatomy_idx):
+        """The pooled, projected, normalised text embedding before any centring."""
         allowed = attention_mask.bool().unsqueeze(1)  # (N, 1, T)
         pooled = self.txt_pool(hidden, allowed, anatomy_idx.unsqueeze(1)).squeeze(1)
         return F.normalize(self.txt_proj(pooled, anatomy_idx), dim=-1)
+
+    @torch.no_grad()
+    def set_text_center(self, texts: list[str], text_idx: np.ndarray, batch: int = 64) -> None:
+        """``model.text_center``: per anatomy, the mean of the (uncentred, normalised) embeddings of
+        its training texts, one per (case, anatomy) row that has a text (``text_idx`` (cases, M),
+        -1 = none); an anatomy without any text keeps a zero centre. Reads texts only, no labels.
+        Training sets it once, when alignment first starts; it is saved with the weights."""
+        if self.txt_center is None:
+            raise ValueError("set_text_center needs a model built with text_center=True")
+        text_idx = np.asarray(text_idx)
+        case_rows, anatomy = np.nonzero(text_idx >= 0)
+        pairs, counts = np.unique(np.stack([text_idx[case_rows, anatomy], anatomy], 1), axis=0, return_counts=True)
+        dev = self.txt_center.device
+        total = torch.zeros(self.txt_center.shape, dtype=torch.float64, device=dev)
+        rows = torch.zeros(self.txt_center.shape[0], dtype=torch.float64, device=dev)
+        for s in range(0, len(pairs), batch):
+            chunk, n = pairs[s:s + batch], torch.from_numpy(counts[s:s + batch]).to(dev, torch.float64)
+            tok = self.tokenize([texts[k] for k in chunk[:, 0]])
+            ids, att = tok["input_ids"].to(dev), tok["attention_mask"].to(dev)
+            j = torch.from_numpy(chunk[:, 1]).to(dev)
+            z = self._text_direction(self.text_tokens(ids, att), att, j)
+            total.index_add_(0, j, z.double() * n[:, None])
+            rows.index_add_(0, j, n)
+        self.txt_center.copy_((total / rows.clamp_min(1.0)[:, None]).to(self.txt_center.dtype))
 
     def encode_texts(self, texts: list[str], anatomy_idx: torch.Tensor):
         dev = self.logit_scale.device

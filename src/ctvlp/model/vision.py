@@ -21,6 +21,8 @@ class VisionEncoder(nn.Module):
     token_stage 4: the last stage's map (stride 8 * stem_stride), as in the paper.
     token_stage 3: the third stage's map (stride 4 * stem_stride) concatenated with the last
     stage's map upsampled onto it: twice the token resolution for small organs and lesions.
+    token_stage 2: the second stage's map (stride 2 * stem_stride) concatenated with the third and
+    last stages' maps upsampled onto it: four times the paper's resolution, same trunk compute.
 
     ``gpu_layout(True)`` (training on CUDA): weights and inputs channels_last_3d, and the
     one-channel input padded with zero channels (the stem's weights with zeros) to ``STEM_CHANNELS``,
@@ -35,8 +37,10 @@ class VisionEncoder(nn.Module):
                           n_input_channels=1, conv1_t_size=7, conv1_t_stride=stem_stride,
                           no_max_pool=True, feed_forward=False)
         self.token_stage = token_stage
-        self.out_channels = widths[-1] if token_stage == 4 else widths[2] + widths[3]
-        self.stride = (8 if token_stage == 4 else 4) * stem_stride
+        if token_stage not in (2, 3, 4):
+            raise ValueError(f"token_stage must be 2, 3 or 4, got {token_stage!r}")
+        self.out_channels = sum(widths[token_stage - 1:])
+        self.stride = 2 ** (token_stage - 1) * stem_stride
         self.channels_last = False
 
     def gpu_layout(self, on: bool = True) -> VisionEncoder:
@@ -55,11 +59,14 @@ class VisionEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
         x = n.act(n.bn1(self.stem(x)))
-        f3 = n.layer3(n.layer2(n.layer1(x)))
+        f2 = n.layer2(n.layer1(x))
+        f3 = n.layer3(f2)
         f4 = n.layer4(f3)
-        if self.token_stage == 4:
+        maps = (f2, f3, f4)[self.token_stage - 2:]
+        if len(maps) == 1:
             return f4
-        return torch.cat([f3, F.interpolate(f4, size=f3.shape[2:], mode="nearest")], dim=1)
+        size = maps[0].shape[2:]
+        return torch.cat([maps[0], *(F.interpolate(f, size=size, mode="nearest") for f in maps[1:])], dim=1)
 
 
 class QueryPool(nn.Module):

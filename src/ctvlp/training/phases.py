@@ -138,6 +138,8 @@ class AlignPhase(_SavedPhase):
     def __init__(self, model, out_dir, info, *, name: str, device, texts, val_loader, calibrate: bool):
         super().__init__(model, out_dir, info)
         self.name, self.device, self.val_loader = name, device, val_loader
+        if model.txt_center is not None and not bool(model.txt_center.any()):
+            model.set_text_center(texts[0].texts, texts[0].text_idx)  # training reports only; once (phase 2)
         self.train_bank, self.val_bank = TextBank(model, texts[0], device), TextBank(model, texts[1], device)
         self.loss = AlignmentLoss(calibrate)
         # the perception module sits out a step whose crops hold no anatomy at all

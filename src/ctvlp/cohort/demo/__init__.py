@@ -168,11 +168,13 @@ def _write_case(args) -> tuple[dict, list[dict]]:
 
 def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
                  split: tuple[float, float, float] = (0.7, 0.15, 0.15), extra_test: int = 0,
-                 workers: int = 1) -> Path:
+                 workers: int = 1, extra_val: int = 0, extra_train: int = 0) -> Path:
     """Write ``n_cases`` synthetic cases (NIfTI images and masks) plus manifest and ground truth,
     split by ``assign_splits``; then ``extra_test`` more cases (indices n_cases, n_cases + 1, ...),
-    all in the test split: a larger test set that leaves the training and validation cases exactly
-    as they are. ``workers`` processes render cases in parallel (the output does not depend on it).
+    all in the test split, then ``extra_val`` more in the validation split, then ``extra_train``
+    more in the training split: larger splits that leave every other case exactly as it is (the
+    extra test cases keep their indices whatever extra_val and extra_train are). ``workers``
+    processes render cases in parallel (the output does not depend on it).
 
     Returns the path of ``out_dir/manifest.parquet``.
     """
@@ -183,8 +185,9 @@ def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    splits = assign_splits([case_labels(i, seed) for i in range(n_cases)], seed, split) + ["test"] * extra_test
-    jobs = [(i, seed, splits[i], out_dir) for i in range(n_cases + extra_test)]
+    splits = (assign_splits([case_labels(i, seed) for i in range(n_cases)], seed, split)
+              + ["test"] * extra_test + ["val"] * extra_val + ["train"] * extra_train)
+    jobs = [(i, seed, s, out_dir) for i, s in enumerate(splits)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             done = list(tqdm(pool.map(_write_case, jobs, chunksize=4), total=len(jobs), desc="demo cohort",

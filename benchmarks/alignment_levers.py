@@ -1,0 +1,173 @@
+"""What does it take for anatomy-wise alignment to learn the demo's diseases? Phase 2 (fVLM) variants
+side by side on the same test cases, each difference to the first variant with a paired CI.
+
+    python benchmarks/alignment_levers.py --results results_ablation \\
+        --variant baseline= --variant epochs60=train.epochs=60 \\
+        --variant more_data@results_scale= --label cpu
+
+Each ``--variant NAME[@RESULTS]=KEY=VALUE,KEY=VALUE`` trains phase 2 (``align``, from scratch, as the
+ablation's fVLM) with the run config of ``--results`` (its ``.ctvlp/config``) changed by the dotted
+overrides (values read as YAML), on the cases of RESULTS (default ``--results``: a results folder
+with more training cases, e.g. ``cohort.train_cases``, has the same validation and test cases), into
+``RESULTS/levers/NAME/``; a variant whose weights are there with the same settings is not retrained.
+Every variant is evaluated like the workflow's ``evaluate_zeroshot`` (prompt style chosen on the
+validation split), and additionally on its own TRAINING cases (how well alignment fits what it was
+trained on, which tells under- from over-fitting). Writes ``alignment_levers_<label>.md`` into --out,
+with the machine, the command and each variant's training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from ctvlp import catalog
+from ctvlp import config as cfgmod
+from ctvlp.evaluation import metrics
+from ctvlp.evaluation.embed import embed_cases
+from ctvlp.evaluation.stage import evaluate_zeroshot
+from ctvlp.imaging.storage import paths_from
+from ctvlp.model.io import load_model, pick_device
+from ctvlp.model.zeroshot import disease_scores
+from ctvlp.training.phases import run
+
+from machine import cpu  # benchmarks/ is on sys.path
+
+
+def run_config(results: Path) -> dict:
+    """The newest run config the workflow wrote into ``results`` (.ctvlp/config/<digest>.json)."""
+    found = sorted((results / ".ctvlp" / "config").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"{results} holds no run config (.ctvlp/config/*.json): run the workflow there first")
+    return json.loads(found[-1].read_text(encoding="utf-8"))
+
+
+def parse_variant(spec: str, default_results: Path) -> tuple[str, Path, dict]:
+    """NAME[@RESULTS]=KEY=VALUE,KEY=VALUE -> (name, results folder, {dotted key: value})."""
+    head, _, body = spec.partition("=")
+    name, _, results = head.partition("@")
+    overrides = {}
+    for item in filter(None, body.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"variant {name}: {item!r} is not KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, Path(results) if results else default_results, overrides
+
+
+def apply(settings: dict, overrides: dict) -> dict:
+    out = json.loads(json.dumps(settings))
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node[part]
+        if last not in node:
+            raise SystemExit(f"unknown config key {key}")
+        node[last] = value
+    return cfgmod.validate(out)
+
+
+def training_fit(model_dir: Path, results: Path, style: str, catalog_name: str, device) -> dict[str, float]:
+    """Zero-shot AUC per disease on the model's own training cases (whole volumes, as the test)."""
+    model = load_model(model_dir, device)
+    cases = pl.read_parquet(results / "qc" / "cases.parquet").filter(pl.col("split") == "train")
+    ids, paths = cases["case_id"].to_list(), paths_from(cases)
+    with torch.no_grad():
+        embs = embed_cases(model, [paths[c] for c in ids], device)
+    emb = torch.from_numpy(np.stack([embs[c][0] for c in ids])).to(device)
+    complete = np.stack([embs[c][1] for c in ids])
+    truth = pl.read_parquet(results / "cohort" / "ground_truth.parquet")
+    out = {}
+    for disease, scores in disease_scores(model, emb, catalog_name, style):
+        labels = dict(truth.filter(pl.col("disease_id") == disease.id).select("case_id", "label").iter_rows())
+        a = catalog.anatomy_by_name(disease.anatomy).index - 1
+        j = [k for k, c in enumerate(ids) if complete[k, a] and labels.get(c) is not None]
+        y = np.array([labels[ids[k]] for k in j])
+        if 0 < y.sum() < len(y):
+            out[disease.id] = float(roc_auc_score(y, scores[j]))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=Path("results_ablation"))
+    parser.add_argument("--variant", action="append", required=True, help="NAME[@RESULTS]=KEY=VALUE,...")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--label", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = run_config(args.results)
+    variants, rows = {}, {}
+    for spec in args.variant:
+        name, results, overrides = parse_variant(spec, args.results)
+        settings = apply(base, overrides)
+        settings["train"]["threads"] = args.threads
+        folder = results / "levers" / name
+        stamp = {"model": settings["model"], "train": settings["train"], "seed": settings["seed"]}
+        done = folder / "settings.json"
+        trained = (folder / "align" / "model.safetensors").exists() and done.exists() and \
+            json.loads(done.read_text(encoding="utf-8")) == stamp
+        start = time.perf_counter()
+        if not trained:
+            run("align", results / "qc" / "cases.parquet", results / "reports" / "reports.parquet", folder / "align",
+                settings["model"], settings["train"], settings["seed"])
+            done.write_text(json.dumps(stamp), encoding="utf-8")
+            train_s = time.perf_counter() - start
+            (folder / "train_seconds.txt").write_text(f"{train_s:.1f}\n", encoding="utf-8")
+        train_s = float((folder / "train_seconds.txt").read_text(encoding="utf-8"))
+        evaluate_zeroshot(settings, folder / "align", results / "qc" / "cases.parquet",
+                          results / "cohort" / "ground_truth.parquet", folder / "eval")
+        style = pl.read_csv(folder / "eval" / "prompt_styles.csv").filter(pl.col("chosen"))["style"][0]
+        fit = training_fit(folder / "align", results, style, settings["evaluate"]["catalog"],
+                           pick_device(settings["train"]["device"]))
+        n_train = pl.read_parquet(results / "qc" / "cases.parquet").filter(pl.col("split") == "train").height
+        variants[name] = folder / "eval"
+        local = [a for d, a in fit.items() if d in _local_ids(settings)]
+        rows[name] = {"overrides": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(none)",
+                      "train_cases": n_train, "train_seconds": round(train_s),
+                      "train_fit_auc": float(np.mean(list(fit.values()))), "train_fit_local": float(np.mean(local))}
+        print(name, rows[name], flush=True)
+    reference = next(iter(variants))
+    table = metrics.ablation_table(variants, reference=reference, seed=base["seed"])
+    table = table.join(pl.DataFrame([{"variant": k, **v} for k, v in rows.items()]), on="variant")
+    per_disease = pl.concat([pl.read_csv(f / "zeroshot.csv").select("disease_id", "type", "auc")
+                            .with_columns(pl.lit(v).alias("variant")) for v, f in variants.items()])
+    wide = per_disease.filter(pl.col("disease_id") != "mean").pivot("variant", index=["disease_id", "type"],
+                                                                    values="auc")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"alignment_levers_{args.label}.md"
+    cols = ["variant", "overrides", "train_cases", "train_seconds", "auc", "auc_ci_low", "auc_ci_high",
+            f"diff_vs_{reference}", "diff_ci_low", "diff_ci_high", "auc_local", "auc_diffuse", "train_fit_auc",
+            "train_fit_local", "test_cases", "prompt_style"]
+    path.write_text(
+        f"# Alignment levers ({dt.date.today()})\n\nMachine: {cpu()}, {os.cpu_count()} cores, {platform.platform()}, "
+        f"torch {torch.__version__}, {args.threads} threads.\n\n"
+        f"Command: `python benchmarks/alignment_levers.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        "Phase 2 (fVLM) only, from scratch, each variant's test AUCs on the same test cases; the difference "
+        f"of each mean AUC to `{reference}` with its paired bootstrap 95% CI; train_fit: zero-shot AUC on the "
+        "variant's own training cases. Prompt style chosen on the validation split.\n\n"
+        + metrics.markdown(table.select(cols)) + "\nPer disease (test AUC):\n\n" + metrics.markdown(wide),
+        encoding="utf-8")
+    print(path.read_text(encoding="utf-8"))
+
+
+def _local_ids(settings: dict) -> set[str]:
+    return {d.id for d in catalog.diseases(settings["evaluate"]["catalog"]) if d.type == "local"}
+
+
+if __name__ == "__main__":
+    main()
