@@ -6,7 +6,7 @@ side by side on the same test cases, each difference to the first variant with a
         --variant more_data@results_scale= --label cpu
 
 Each ``--variant NAME[@RESULTS]=KEY=VALUE,KEY=VALUE`` trains phase 2 (``align``, from scratch, as the
-ablation's fVLM) with the run config of ``--results`` (its ``.ctvlp/config``) changed by the dotted
+ablation's fVLM; ``chain=visual_cl+align`` trains phase 1 first, as the ablation's + disease CL) with the run config of ``--results`` (its ``.ctvlp/config``) changed by the dotted
 overrides (values read as YAML), on the cases of RESULTS (default ``--results``: a results folder
 with more training cases, e.g. ``cohort.train_cases``, has the same validation and test cases), into
 ``RESULTS/levers/NAME/``; a variant whose weights are there with the same settings is not retrained.
@@ -68,7 +68,7 @@ def parse_variant(spec: str, default_results: Path) -> tuple[str, Path, dict]:
 
 
 def apply(settings: dict, overrides: dict) -> dict:
-    out = json.loads(json.dumps(settings))
+    out = cfgmod.validate(json.loads(json.dumps(settings)))  # keys newer than the run config get their defaults
     for key, value in overrides.items():
         *path, last = key.split(".")
         node = out
@@ -114,17 +114,25 @@ def main(argv=None):
     variants, rows = {}, {}
     for spec in args.variant:
         name, results, overrides = parse_variant(spec, args.results)
+        chain = str(overrides.pop("chain", "align")).split("+")  # e.g. chain=visual_cl+align (Eq. 2, then Eq. 1)
+        contrast = overrides.pop("contrast", "disease")
+        if chain[-1] != "align" or not set(chain) <= {"visual_cl", "align"}:
+            raise SystemExit(f"variant {name}: chain must be align or visual_cl+align, not {'+'.join(chain)}")
         settings = apply(base, overrides)
         settings["train"]["threads"] = args.threads
         folder = results / "levers" / name
-        stamp = {"model": settings["model"], "train": settings["train"], "seed": settings["seed"]}
+        stamp = {"model": settings["model"], "train": settings["train"], "seed": settings["seed"], "chain": chain,
+                 "contrast": contrast}
         done = folder / "settings.json"
         trained = (folder / "align" / "model.safetensors").exists() and done.exists() and \
             json.loads(done.read_text(encoding="utf-8")) == stamp
         start = time.perf_counter()
         if not trained:
-            run("align", results / "qc" / "cases.parquet", results / "reports" / "reports.parquet", folder / "align",
-                settings["model"], settings["train"], settings["seed"])
+            init = None
+            for phase in chain:
+                run(phase, results / "qc" / "cases.parquet", results / "reports" / "reports.parquet", folder / phase,
+                    settings["model"], settings["train"], settings["seed"], init=init, contrast=contrast)
+                init = folder / phase
             done.write_text(json.dumps(stamp), encoding="utf-8")
             train_s = time.perf_counter() - start
             (folder / "train_seconds.txt").write_text(f"{train_s:.1f}\n", encoding="utf-8")
@@ -137,7 +145,8 @@ def main(argv=None):
         n_train = pl.read_parquet(results / "qc" / "cases.parquet").filter(pl.col("split") == "train").height
         variants[name] = folder / "eval"
         local = [a for d, a in fit.items() if d in _local_ids(settings)]
-        rows[name] = {"overrides": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(none)",
+        rows[name] = {"overrides": ", ".join([*(f"{k}={v}" for k, v in overrides.items()),
+                                              *([f"chain={'+'.join(chain)}"] if len(chain) > 1 else [])]) or "(none)",
                       "train_cases": n_train, "train_seconds": round(train_s),
                       "train_fit_auc": float(np.mean(list(fit.values()))), "train_fit_local": float(np.mean(local))}
         print(name, rows[name], flush=True)

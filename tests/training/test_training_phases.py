@@ -96,6 +96,12 @@ def test_second_view_changes_intensities_not_geometry():
     # a monotone intensity change: the voxel order within a sample is nearly kept
     r = torch.corrcoef(torch.stack([x[0].flatten(), v[0].flatten()]))[0, 1]
     assert r > 0.9
+    # train.visual_cl.augment sets each change's range: all zero gives the image back; a mild setting
+    # moves intensities less than the default (and never by more than its shift + scale + noise allow)
+    assert torch.equal(augment_view(x, gamma=0, scale=0, shift=0, noise=0), x)
+    default = (augment_view(x) - x).abs().mean()
+    mild = augment_view(x, gamma=0.0, scale=0.0, shift=0.01, noise=0.0) - x
+    assert mild.abs().max() <= 0.01 + 1e-6 and mild.abs().mean() < default
 
 
 def test_text_center_is_set_once_from_the_training_reports(tiny_cohort, tmp_path):

@@ -75,17 +75,22 @@ def init_from(model, init_dir: str | Path) -> None:
     log.info("initialised from %s", init_dir)
 
 
-def augment_view(image: torch.Tensor) -> torch.Tensor:
-    """Second view for phase 1: random gamma, contrast/brightness and Gaussian noise per sample on
-    the same crop, so every anatomy stays complete in both views. Drawn on the image's device (its
-    RNG is checkpointed: resumable)."""
+AUGMENT_DEFAULTS = {"gamma": 0.3, "scale": 0.1, "shift": 0.05, "noise": 0.02}  # train.visual_cl.augment
+
+
+def augment_view(image: torch.Tensor, gamma: float = 0.3, scale: float = 0.1, shift: float = 0.05,
+                 noise: float = 0.02) -> torch.Tensor:
+    """Second view for phase 1: per sample a random gamma exp(U(-gamma, gamma)), contrast
+    U(1 - scale, 1 + scale), brightness U(-shift, shift) and Gaussian noise (SD ``noise``) on the
+    same crop, so every anatomy stays complete in both views (intensities in [0, 1]: 0.05 = 100 HU
+    of the default window). Drawn on the image's device (its RNG is checkpointed: resumable)."""
     b, dev = image.shape[0], image.device
     shape = (b,) + (1,) * (image.dim() - 1)
-    gamma = torch.exp(torch.empty(shape, device=dev).uniform_(-0.3, 0.3))
-    scale = torch.empty(shape, device=dev).uniform_(0.9, 1.1)
-    shift = torch.empty(shape, device=dev).uniform_(-0.05, 0.05)
-    noise = torch.randn(image.shape, device=dev, dtype=image.dtype) * 0.02
-    return ((image.clamp(0, 1) ** gamma) * scale + shift + noise).clamp(0, 1)
+    g = torch.exp(torch.empty(shape, device=dev).uniform_(-gamma, gamma))
+    a = torch.empty(shape, device=dev).uniform_(1 - scale, 1 + scale)
+    c = torch.empty(shape, device=dev).uniform_(-shift, shift)
+    n = torch.randn(image.shape, device=dev, dtype=image.dtype) * noise
+    return ((image.clamp(0, 1) ** g) * a + c + n).clamp(0, 1)
 
 
 # ---- the phases --------------------------------------------------------------------------------
@@ -165,8 +170,9 @@ class VisualContrastPhase(_SavedPhase):
     name = "visual_cl"
 
     def __init__(self, model, out_dir, info, *, device, val_loader, contrast: str, momentum: float,
-                 temperature: float):
+                 temperature: float, augment: dict | None = None):
         super().__init__(model, out_dir, info)
+        self.augment = {**AUGMENT_DEFAULTS, **(augment or {})}
         if contrast not in ("disease", "instance"):
             raise ValueError(f"contrast must be disease or instance, not {contrast!r}")
         self.device, self.val_loader, self.momentum = device, val_loader, momentum
@@ -189,7 +195,7 @@ class VisualContrastPhase(_SavedPhase):
         image, anatomy = on["image"], on["anatomy"]
         q, _ = self.model.encode_image(image, anatomy)
         with torch.no_grad():
-            k, _ = self.key.encode_image(augment_view(image), anatomy)
+            k, _ = self.key.encode_image(augment_view(image, **self.augment), anatomy)
         t = {"q": q, "k": k, "valid": on["valid"], "normal": on["normal"]}
         if gather:
             t = gather_batch(t)
@@ -392,7 +398,8 @@ def run(phase: str, cases, reports, out_dir, cfg_model: dict | ModelConfig, cfg_
         elif phase == "visual_cl":
             section = cfg_train["visual_cl"]
             task = VisualContrastPhase(**common, device=device, val_loader=val_loader, contrast=contrast,
-                                       momentum=section["momentum"], temperature=section["temperature"])
+                                       momentum=section["momentum"], temperature=section["temperature"],
+                                       augment=section["augment"])
         elif phase == "normality":
             task = NormalityPhase(**common, device=device, val_loader=val_loader)
         else:
