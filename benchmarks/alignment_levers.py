@@ -35,7 +35,7 @@ from sklearn.metrics import roc_auc_score
 
 from ctvlp import catalog
 from ctvlp import config as cfgmod
-from ctvlp.evaluation import metrics
+from ctvlp.evaluation import metrics, zeroshot
 from ctvlp.evaluation.embed import embed_cases
 from ctvlp.evaluation.stage import evaluate_zeroshot
 from ctvlp.imaging.storage import paths_from
@@ -101,17 +101,34 @@ def training_fit(model_dir: Path, results: Path, style: str, catalog_name: str, 
     return out
 
 
+def validation_predictions(model_dir: Path, val_results: Path, folder: Path, catalog_name: str, device) -> pl.DataFrame:
+    """Zero-shot predictions on the VALIDATION split of ``val_results`` (prompt style chosen there),
+    with split relabelled "test" so that the test-split metrics (bootstrap, paired difference) apply."""
+    cases = pl.read_parquet(val_results / "qc" / "cases.parquet").filter(pl.col("split") == "val")
+    if cases.is_empty():
+        raise SystemExit(f"{val_results} has no validation cases")
+    path = folder / "val_cases.parquet"
+    cases.write_parquet(path)
+    pred, _ = zeroshot.predict(model_dir, path, val_results / "cohort" / "ground_truth.parquet", catalog_name,
+                               device)
+    return pred.with_columns(pl.lit("test").alias("split"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=Path("results_ablation"))
     parser.add_argument("--variant", action="append", required=True, help="NAME[@RESULTS]=KEY=VALUE,...")
+    parser.add_argument("--val-results", type=Path, default=None,
+                        help="also score every variant on the VALIDATION split of this results folder (its "
+                             "validation cases must be disjoint from the test cases, e.g. cohort.val_cases after "
+                             "the same cohort.test_cases): what a choice between the variants is made on")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--label", default="cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = run_config(args.results)
-    variants, rows = {}, {}
+    variants, rows, val_pred = {}, {}, {}
     for spec in args.variant:
         name, results, overrides = parse_variant(spec, args.results)
         chain = str(overrides.pop("chain", "align")).split("+")  # e.g. chain=visual_cl+align (Eq. 2, then Eq. 1)
@@ -137,13 +154,31 @@ def main(argv=None):
             train_s = time.perf_counter() - start
             (folder / "train_seconds.txt").write_text(f"{train_s:.1f}\n", encoding="utf-8")
         train_s = float((folder / "train_seconds.txt").read_text(encoding="utf-8"))
-        evaluate_zeroshot(settings, folder / "align", results / "qc" / "cases.parquet",
-                          results / "cohort" / "ground_truth.parquet", folder / "eval")
+        # results of an unchanged variant are reused (a retrained one is evaluated afresh)
+        if not trained or not (folder / "eval" / "predictions.parquet").exists():
+            evaluate_zeroshot(settings, folder / "align", results / "qc" / "cases.parquet",
+                              results / "cohort" / "ground_truth.parquet", folder / "eval")
+            (folder / "train_fit.json").unlink(missing_ok=True)
         style = pl.read_csv(folder / "eval" / "prompt_styles.csv").filter(pl.col("chosen"))["style"][0]
-        fit = training_fit(folder / "align", results, style, settings["evaluate"]["catalog"],
-                           pick_device(settings["train"]["device"]))
+        if not (folder / "train_fit.json").exists():
+            fit = training_fit(folder / "align", results, style, settings["evaluate"]["catalog"],
+                               pick_device(settings["train"]["device"]))
+            (folder / "train_fit.json").write_text(json.dumps(fit), encoding="utf-8")
+        fit = json.loads((folder / "train_fit.json").read_text(encoding="utf-8"))
         n_train = pl.read_parquet(results / "qc" / "cases.parquet").filter(pl.col("split") == "train").height
         variants[name] = folder / "eval"
+        train_ids = set(pl.read_parquet(results / "qc" / "cases.parquet").filter(pl.col("split") == "train")["case_id"])
+        val_ids = set(pl.read_parquet(args.val_results / "qc" / "cases.parquet").filter(pl.col("split") == "val")
+                      ["case_id"]) if args.val_results else set()
+        if train_ids & val_ids:  # e.g. cohort.train_cases of one folder are cohort.val_cases of another
+            print(f"{name}: {len(train_ids & val_ids)} of its training cases are validation cases of "
+                  f"{args.val_results}: not scored there", flush=True)
+        elif args.val_results:
+            cached = folder / f"val_predictions_{args.val_results.name}.parquet"
+            if not trained or not cached.exists():
+                validation_predictions(folder / "align", args.val_results, folder, settings["evaluate"]["catalog"],
+                                       settings["train"]["device"]).write_parquet(cached)
+            val_pred[name] = pl.read_parquet(cached)
         local = [a for d, a in fit.items() if d in _local_ids(settings)]
         rows[name] = {"overrides": ", ".join([*(f"{k}={v}" for k, v in overrides.items()),
                                               *([f"chain={'+'.join(chain)}"] if len(chain) > 1 else [])]) or "(none)",
@@ -153,6 +188,26 @@ def main(argv=None):
     reference = next(iter(variants))
     table = metrics.ablation_table(variants, reference=reference, seed=base["seed"])
     table = table.join(pl.DataFrame([{"variant": k, **v} for k, v in rows.items()]), on="variant")
+    val_cols = []
+    if val_pred:
+        local = _local_ids(base_settings := apply(base, {}))
+        val_rows = []
+        for name in variants:
+            if name not in val_pred:
+                val_rows.append({"variant": name})
+                continue
+            pred = val_pred[name]
+            auc = _aucs(pred)
+            diff = metrics.paired_difference(pred, val_pred[reference], seed=base_settings["seed"]) \
+                if name != reference else (float("nan"),) * 3
+            val_rows.append({"variant": name, "val_auc": float(np.mean(list(auc.values()))),
+                             "val_local": float(np.mean([a for d, a in auc.items() if d in local])),
+                             "val_diffuse": float(np.mean([a for d, a in auc.items() if d not in local])),
+                             f"val_diff_vs_{reference}": diff[0], "val_diff_ci_low": diff[1],
+                             "val_diff_ci_high": diff[2], "val_cases": pred["case_id"].n_unique()})
+        val_table = pl.DataFrame(val_rows, infer_schema_length=None)
+        table = table.join(val_table, on="variant", how="left")
+        val_cols = [c for c in val_table.columns if c != "variant"]
     per_disease = pl.concat([pl.read_csv(f / "zeroshot.csv").select("disease_id", "type", "auc")
                             .with_columns(pl.lit(v).alias("variant")) for v, f in variants.items()])
     wide = per_disease.filter(pl.col("disease_id") != "mean").pivot("variant", index=["disease_id", "type"],
@@ -162,6 +217,7 @@ def main(argv=None):
     cols = ["variant", "overrides", "train_cases", "train_seconds", "auc", "auc_ci_low", "auc_ci_high",
             f"diff_vs_{reference}", "diff_ci_low", "diff_ci_high", "auc_local", "auc_diffuse", "train_fit_auc",
             "train_fit_local", "test_cases", "prompt_style"]
+    decide = (["variant", *val_cols], ) if val_cols else ()
     path.write_text(
         f"# Alignment levers ({dt.date.today()})\n\nMachine: {cpu()}, {os.cpu_count()} cores, {platform.platform()}, "
         f"torch {torch.__version__}, {args.threads} threads.\n\n"
@@ -169,9 +225,23 @@ def main(argv=None):
         "Phase 2 (fVLM) only, from scratch, each variant's test AUCs on the same test cases; the difference "
         f"of each mean AUC to `{reference}` with its paired bootstrap 95% CI; train_fit: zero-shot AUC on the "
         "variant's own training cases. Prompt style chosen on the validation split.\n\n"
-        + metrics.markdown(table.select(cols)) + "\nPer disease (test AUC):\n\n" + metrics.markdown(wide),
+        + metrics.markdown(table.select(cols))
+        + "".join(f"\nOn the validation split of `{args.val_results}` (what a choice is made on; prompt style "
+                  "chosen there; paired CI of the difference):\n\n" + metrics.markdown(table.select(c))
+                  for c in decide)
+        + "\nPer disease (test AUC):\n\n" + metrics.markdown(wide),
         encoding="utf-8")
     print(path.read_text(encoding="utf-8"))
+
+
+def _aucs(pred: pl.DataFrame) -> dict[str, float]:
+    """AUC per disease over the evaluable rows of ``pred`` (both classes present)."""
+    out = {}
+    for (disease,), g in pred.filter(pl.col("evaluable")).group_by(["disease_id"], maintain_order=True):
+        y = g["label"].to_numpy()
+        if 0 < y.sum() < len(y):
+            out[disease] = float(roc_auc_score(y, g["score"].to_numpy()))
+    return out
 
 
 def _local_ids(settings: dict) -> set[str]:
