@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from ctvlp import config
+from ctvlp.model.io import load_model
+from ctvlp.training.data import anatomy_texts
 from ctvlp.training.phases import augment_view, run
 from ctvlp.training.trainable import PHASE_TRAINABLE
 
@@ -111,9 +113,6 @@ def test_second_view_changes_intensities_not_geometry():
 def test_text_center_is_set_once_from_the_training_reports(tiny_cohort, tmp_path):
     """model.text_center: phase 2 sets each anatomy's centre from the TRAINING split's texts (a
     later phase started from those weights keeps it, even if it were given other reports)."""
-    from ctvlp.model.io import load_model
-    from ctvlp.training.data import anatomy_texts
-
     model_cfg = {**MODEL, "vq_codes": 0, "train_text_head": False, "text_center": True}
     s = config.validate({"model": model_cfg, "train": {
         "epochs": 1, "batch_size": 6, "crop_size": [32, 32, 48], "flip": False, "threads": 2, "device": "cpu",
