@@ -31,7 +31,9 @@ import numpy as np
 import polars as pl
 import torch
 import yaml
+from machine import cpu  # benchmarks/ is on sys.path
 from sklearn.metrics import roc_auc_score
+from text_ceiling import per_disease_auc
 
 from ctvlp import catalog
 from ctvlp import config as cfgmod
@@ -40,10 +42,7 @@ from ctvlp.evaluation.embed import embed_cases
 from ctvlp.evaluation.stage import evaluate_zeroshot
 from ctvlp.imaging.storage import paths_from
 from ctvlp.model.io import load_model, pick_device
-from ctvlp.model.zeroshot import disease_scores
 from ctvlp.training.phases import run
-
-from machine import cpu  # benchmarks/ is on sys.path
 
 
 def run_config(results: Path) -> dict:
@@ -89,16 +88,7 @@ def training_fit(model_dir: Path, results: Path, style: str, catalog_name: str, 
         embs = embed_cases(model, [paths[c] for c in ids], device)
     emb = torch.from_numpy(np.stack([embs[c][0] for c in ids])).to(device)
     complete = np.stack([embs[c][1] for c in ids])
-    truth = pl.read_parquet(results / "cohort" / "ground_truth.parquet")
-    out = {}
-    for disease, scores in disease_scores(model, emb, catalog_name, style):
-        labels = dict(truth.filter(pl.col("disease_id") == disease.id).select("case_id", "label").iter_rows())
-        a = catalog.anatomy_by_name(disease.anatomy).index - 1
-        j = [k for k, c in enumerate(ids) if complete[k, a] and labels.get(c) is not None]
-        y = np.array([labels[ids[k]] for k in j])
-        if 0 < y.sum() < len(y):
-            out[disease.id] = float(roc_auc_score(y, scores[j]))
-    return out
+    return per_disease_auc(model, emb, complete, ids, results, catalog_name, style)
 
 
 def validation_predictions(model_dir: Path, val_results: Path, folder: Path, catalog_name: str, device) -> pl.DataFrame:

@@ -44,19 +44,28 @@ def ceiling(model_dir: Path, results: Path, catalog_name: str, split: str = "tes
             if rows.size:
                 chosen = [texts.texts[k] for k in texts.text_idx[rows, j]]
                 emb[rows, j] = model.encode_texts(chosen, torch.full((len(chosen),), j, dtype=torch.long))
-    has_text = torch.from_numpy(texts.text_idx >= 0)
-    truth = pl.read_parquet(results / "cohort" / "ground_truth.parquet")
+    types = {d.id: d.type for d in catalog.diseases(catalog_name)}
     out = []
     for style in prompt_styles(catalog_name):
-        for disease, scores in disease_scores(model, emb, catalog_name, style):
-            labels = dict(truth.filter(pl.col("disease_id") == disease.id).select("case_id", "label").iter_rows())
-            j = catalog.anatomy_by_name(disease.anatomy).index - 1
-            keep = [k for k, c in enumerate(ids) if has_text[k, j] and labels.get(c) is not None]
-            y = np.array([labels[ids[k]] for k in keep])
-            if 0 < y.sum() < len(y):
-                out.append({"style": style, "disease_id": disease.id, "type": disease.type,
-                            "auc": float(roc_auc_score(y, scores[keep]))})
+        aucs = per_disease_auc(model, emb, texts.text_idx >= 0, ids, results, catalog_name, style)
+        out += [{"style": style, "disease_id": d, "type": types[d], "auc": a} for d, a in aucs.items()]
     return pl.DataFrame(out)
+
+
+def per_disease_auc(model, emb: torch.Tensor, usable: np.ndarray, ids: list[str], results: Path, catalog_name: str,
+                    style: str) -> dict[str, float]:
+    """Zero-shot AUC per disease of the anatomy embeddings ``emb`` (cases, M, D) of cases ``ids``,
+    over the cases whose anatomy is ``usable`` (cases, M) and labelled in ``results``' ground truth."""
+    truth = pl.read_parquet(results / "cohort" / "ground_truth.parquet")
+    out = {}
+    for disease, scores in disease_scores(model, emb, catalog_name, style):
+        labels = dict(truth.filter(pl.col("disease_id") == disease.id).select("case_id", "label").iter_rows())
+        j = catalog.anatomy_by_name(disease.anatomy).index - 1
+        keep = [k for k, c in enumerate(ids) if usable[k, j] and labels.get(c) is not None]
+        y = np.array([labels[ids[k]] for k in keep])
+        if 0 < y.sum() < len(y):
+            out[disease.id] = float(roc_auc_score(y, scores[keep]))
+    return out
 
 
 def main(argv=None):
