@@ -368,3 +368,21 @@ def test_extra_test_cases_leave_the_training_cases_as_they_were(tmp_path, monkey
     assert most["split"][10:].to_list() == ["test"] * 3 + ["val"] * 2 + ["train"] * 2
     assert most.head(13).select(same).equals(more.select(same))
     assert most["case_id"][13:].to_list() == [f"demo_{i:04d}" for i in range(13, 17)]
+
+
+def test_lesion_scale_grows_local_lesions_only(cases):
+    """cohort.lesion_scale: the same case at scale 2 has the same labels and local lesions of
+    larger volume (each lesion, summed per disease); scale 1 is the demo exactly."""
+    case = next(c for c in cases if sum(c.labels[d.id] for d in catalog.diseases("demo") if d.type == "local") >= 2)
+    index = int(case.case_id.split("_")[1])
+    assert np.array_equal(generate_case(index, SEED, lesion_scale=1.0).image, case.image)
+    big = generate_case(index, SEED, lesion_scale=2.0)
+    assert big.labels == case.labels
+    local = {d.id for d in catalog.diseases("demo") if d.type == "local"}
+
+    def volume(c, disease):
+        return sum(int(les.mask.sum()) for les in c.lesions if les.disease_id == disease)
+
+    grown = [d for d in local if case.labels[d]]
+    assert grown and all(volume(big, d) > 1.5 * volume(case, d) for d in grown), \
+        {d: (volume(case, d), volume(big, d)) for d in grown}

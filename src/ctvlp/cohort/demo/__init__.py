@@ -102,13 +102,14 @@ def case_labels(index: int, seed: int) -> dict[str, int]:
     return {d: int(u < PREVALENCE) for d, u in zip(_disease_ids(), draws)}
 
 
-def generate_case(index: int, seed: int) -> Case:
-    """Render synthetic case ``index`` of the cohort ``seed`` (deterministic)."""
+def generate_case(index: int, seed: int, lesion_scale: float = 1.0) -> Case:
+    """Render synthetic case ``index`` of the cohort ``seed`` (deterministic); ``lesion_scale``
+    multiplies the radii of its local lesions (``render_signs``)."""
     labels = case_labels(index, seed)
     _, rng_geometry, rng_text = _streams(index, seed)
     phantom = render_anatomy(rng_geometry, anatomy_changes(labels))
     rng_signs = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 7]))
-    lesions, records = render_signs(phantom, labels, rng_signs)
+    lesions, records = render_signs(phantom, labels, rng_signs, lesion_scale)
     cv = phantom.canvas
     # measured after the signs: an adrenal nodule may grow into the spleen
     spleen_cm = cv.extent_cm(cv.lab == TOTALSEG.spleen, 2)
@@ -147,8 +148,8 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype) -> Non
 
 def _write_case(args) -> tuple[dict, list[dict]]:
     """Render case ``index`` and write its image and mask: (manifest row, ground-truth rows)."""
-    index, seed, split, out_dir = args
-    case = generate_case(index, seed)
+    index, seed, split, out_dir, lesion_scale = args
+    case = generate_case(index, seed, lesion_scale)
     image_path = out_dir / "images" / f"{case.case_id}.nii.gz"
     mask_path = out_dir / "masks" / f"{case.case_id}.nii.gz"
     _save_nifti(case.image, case.affine, image_path, np.int16)
@@ -168,13 +169,14 @@ def _write_case(args) -> tuple[dict, list[dict]]:
 
 def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
                  split: tuple[float, float, float] = (0.7, 0.15, 0.15), extra_test: int = 0,
-                 workers: int = 1, extra_val: int = 0, extra_train: int = 0) -> Path:
+                 workers: int = 1, extra_val: int = 0, extra_train: int = 0, lesion_scale: float = 1.0) -> Path:
     """Write ``n_cases`` synthetic cases (NIfTI images and masks) plus manifest and ground truth,
     split by ``assign_splits``; then ``extra_test`` more cases (indices n_cases, n_cases + 1, ...),
     all in the test split, then ``extra_val`` more in the validation split, then ``extra_train``
     more in the training split: larger splits that leave every other case exactly as it is (the
     extra test cases keep their indices whatever extra_val and extra_train are). ``workers``
-    processes render cases in parallel (the output does not depend on it).
+    processes render cases in parallel (the output does not depend on it). ``lesion_scale``
+    multiplies the radii of the local lesions (an experiment's lever; 1 = the demo's sizes).
 
     Returns the path of ``out_dir/manifest.parquet``.
     """
@@ -187,7 +189,7 @@ def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     splits = (assign_splits([case_labels(i, seed) for i in range(n_cases)], seed, split)
               + ["test"] * extra_test + ["val"] * extra_val + ["train"] * extra_train)
-    jobs = [(i, seed, s, out_dir) for i, s in enumerate(splits)]
+    jobs = [(i, seed, s, out_dir, lesion_scale) for i, s in enumerate(splits)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             done = list(tqdm(pool.map(_write_case, jobs, chunksize=4), total=len(jobs), desc="demo cohort",

@@ -48,8 +48,9 @@ class SignPainter:
     """The state shared while the signs of one case are painted: the phantom, the generator, the
     lesions so far and the voxels they occupy, and the pleural effusion (which lung signs avoid)."""
 
-    def __init__(self, phantom: Phantom, rng: np.random.Generator):
+    def __init__(self, phantom: Phantom, rng: np.random.Generator, lesion_scale: float = 1.0):
         self.phantom = phantom
+        self.scale = float(lesion_scale)  # local lesions' drawn radii x this (cohort.lesion_scale)
         self.cv = phantom.canvas
         self.lab = self.cv.lab
         self.rng = rng
@@ -77,7 +78,7 @@ class SignPainter:
         cv, rng, occupied = self.cv, self.rng, self.occupied
         out = []
         for _ in range(n):
-            r = uniform(rng, *r_range)
+            r = uniform(rng, *r_range) * self.scale
             placed = place_sphere(cv, region & ~occupied, r, rng, depth=depth, prefer=prefer,
                                   r_min=r_min)
             if placed is None:
@@ -138,7 +139,7 @@ def _paint_adrenal_nodule(painter: SignPainter) -> dict:
     cv, lab, rng = painter.cv, painter.lab, painter.rng
     side = painter.side()
     adrenal = painter.phantom.adrenals[side]
-    r = uniform(rng, 8, 14)
+    r = uniform(rng, 8, 14) * painter.scale
     sgn = 1 if side == "right" else -1
     c = adrenal.centre + np.array([sgn * r * 0.45, -r * 0.2,
                                    uniform(rng, -0.3, 0.3) * adrenal.radii[2]])
@@ -160,7 +161,7 @@ def _paint_kidney_cyst(painter: SignPainter) -> dict:
     side = painter.side()
     class_id = painter.phantom.kidneys[side].class_id
     kidney = lab == class_id
-    r = uniform(rng, 8, 18)
+    r = uniform(rng, 8, 18) * painter.scale
     c, r = place_sphere(cv, kidney, r, rng, depth=0.55, r_min=6.0)
     sl, q = cv.ellipsoid(c, (r, r, r))
     m = np.zeros(cv.shape, bool)
@@ -424,11 +425,12 @@ def anatomy_changes(labels: dict[str, int]) -> AnatomyChanges:
     return AnatomyChanges(**hooks)
 
 
-def render_signs(phantom: Phantom, labels: dict[str, int],
-                 rng: np.random.Generator) -> tuple[list[Lesion], dict[str, dict]]:
+def render_signs(phantom: Phantom, labels: dict[str, int], rng: np.random.Generator,
+                 lesion_scale: float = 1.0) -> tuple[list[Lesion], dict[str, dict]]:
     """Paint the sign of every positive disease, in registry order, onto the phantom's canvas;
-    returns the lesions and each positive disease's record."""
-    painter = SignPainter(phantom, rng)
+    returns the lesions and each positive disease's record. ``lesion_scale`` multiplies the drawn
+    radius of every local lesion (a lesion that does not fit shrinks, as at scale 1)."""
+    painter = SignPainter(phantom, rng, lesion_scale)
     records: dict[str, dict] = {}
     for disease in DISEASES.values():
         if not labels.get(disease.id):
