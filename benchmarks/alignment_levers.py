@@ -19,6 +19,7 @@ with the machine, the command and each variant's training time.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -67,7 +68,7 @@ def parse_variant(spec: str, default_results: Path) -> tuple[str, Path, dict]:
 
 
 def apply(settings: dict, overrides: dict) -> dict:
-    out = cfgmod.validate(json.loads(json.dumps(settings)))  # keys newer than the run config get their defaults
+    out = cfgmod.validate(copy.deepcopy(settings))  # keys newer than the run config get their defaults
     for key, value in overrides.items():
         *path, last = key.split(".")
         node = out
@@ -118,6 +119,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = run_config(args.results)
+    val_ids = _split_ids(args.val_results)["val"] if args.val_results else set()
+    if val_ids & _split_ids(args.results)["test"]:  # a choice made there would be made on test cases
+        raise SystemExit(f"the validation cases of {args.val_results} include test cases of {args.results}: "
+                         "give it validation cases after the same cohort.test_cases (cohort.val_cases)")
     variants, rows, val_pred = {}, {}, {}
     for spec in args.variant:
         name, results, overrides = parse_variant(spec, args.results)
@@ -155,11 +160,10 @@ def main(argv=None):
                                pick_device(settings["train"]["device"]))
             (folder / "train_fit.json").write_text(json.dumps(fit), encoding="utf-8")
         fit = json.loads((folder / "train_fit.json").read_text(encoding="utf-8"))
-        n_train = pl.read_parquet(results / "qc" / "cases.parquet").filter(pl.col("split") == "train").height
+        split_ids = _split_ids(results)
+        n_train = len(split_ids["train"])
         variants[name] = folder / "eval"
-        train_ids = set(pl.read_parquet(results / "qc" / "cases.parquet").filter(pl.col("split") == "train")["case_id"])
-        val_ids = set(pl.read_parquet(args.val_results / "qc" / "cases.parquet").filter(pl.col("split") == "val")
-                      ["case_id"]) if args.val_results else set()
+        train_ids = split_ids["train"]
         if train_ids & val_ids:  # e.g. cohort.train_cases of one folder are cohort.val_cases of another
             print(f"{name}: {len(train_ids & val_ids)} of its training cases are validation cases of "
                   f"{args.val_results}: not scored there", flush=True)
@@ -222,6 +226,15 @@ def main(argv=None):
         + "\nPer disease (test AUC):\n\n" + metrics.markdown(wide),
         encoding="utf-8")
     print(path.read_text(encoding="utf-8"))
+
+
+def _split_ids(results: Path) -> dict[str, set[str]]:
+    """The case ids of each split of a results folder (its qc/cases.parquet)."""
+    path = results / "qc" / "cases.parquet"
+    if not path.exists():
+        raise SystemExit(f"{results} has no {path.relative_to(results)}: run the workflow there first")
+    cases = pl.read_parquet(path, columns=["case_id", "split"])
+    return {s: set(cases.filter(pl.col("split") == s)["case_id"]) for s in ("train", "val", "test")}
 
 
 def _aucs(pred: pl.DataFrame) -> dict[str, float]:

@@ -72,12 +72,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=Path("results_ablation"))
     parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--catalog", default="demo", help="disease catalog of the prompts (evaluate.catalog)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    catalog_name = "demo"
-    table = ceiling(args.model, args.results, catalog_name)
+    table = ceiling(args.model, args.results, args.catalog)
     summary = table.group_by("style", maintain_order=True).agg(
         pl.col("auc").mean().alias("mean"), pl.col("auc").filter(pl.col("type") == "local").mean().alias("local"),
         pl.col("auc").filter(pl.col("type") == "diffuse").mean().alias("diffuse"))

@@ -75,19 +75,17 @@ def init_from(model, init_dir: str | Path) -> None:
     log.info("initialised from %s", init_dir)
 
 
-# train.visual_cl.augment: a few tens of HU at most. Until 2026-11 the ranges were gamma 0.3, scale
-# 0.1, shift 0.05 (+-100 HU), noise 0.02: as large as emphysema's density change, which Eq. 2 then
-# taught the encoder to ignore (benchmarks/results/alignment_levers_cpu.md: on 424 validation cases
-# disease-level CL went from +0.002 to +0.029 mean AUC over fVLM with these ranges).
-AUGMENT_DEFAULTS = {"gamma": 0.05, "scale": 0.02, "shift": 0.01, "noise": 0.01}
-
-
 def augment_view(image: torch.Tensor, gamma: float = 0.05, scale: float = 0.02, shift: float = 0.01,
                  noise: float = 0.01) -> torch.Tensor:
     """Second view for phase 1: per sample a random gamma exp(U(-gamma, gamma)), contrast
     U(1 - scale, 1 + scale), brightness U(-shift, shift) and Gaussian noise (SD ``noise``) on the
-    same crop, so every anatomy stays complete in both views (intensities in [0, 1]: 0.05 = 100 HU
-    of the default window). Drawn on the image's device (its RNG is checkpointed: resumable)."""
+    same crop, so every anatomy stays complete in both views (intensities in [0, 1]: 0.01 = 20 HU
+    of the default window). Drawn on the image's device (its RNG is checkpointed: resumable).
+
+    The defaults (those of train.visual_cl.augment) stay within tens of HU. The earlier ranges,
+    gamma 0.3, scale 0.1, shift 0.05 (+-100 HU), noise 0.02, were as large as emphysema's density
+    change, which Eq. 2 then taught the encoder to ignore (benchmarks/results/alignment_levers_cpu.md:
+    on 424 validation cases disease-level CL went from +0.002 to +0.029 mean AUC over fVLM)."""
     b, dev = image.shape[0], image.device
     shape = (b,) + (1,) * (image.dim() - 1)
     g = torch.exp(torch.empty(shape, device=dev).uniform_(-gamma, gamma))
@@ -176,7 +174,7 @@ class VisualContrastPhase(_SavedPhase):
     def __init__(self, model, out_dir, info, *, device, val_loader, contrast: str, momentum: float,
                  temperature: float, augment: dict | None = None):
         super().__init__(model, out_dir, info)
-        self.augment = {**AUGMENT_DEFAULTS, **(augment or {})}
+        self.augment = dict(augment or {})  # augment_view's keyword ranges; absent ones take its defaults
         if contrast not in ("disease", "instance"):
             raise ValueError(f"contrast must be disease or instance, not {contrast!r}")
         self.device, self.val_loader, self.momentum = device, val_loader, momentum
