@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -55,11 +56,12 @@ def run_config(results: Path) -> dict:
 
 
 def parse_variant(spec: str, default_results: Path) -> tuple[str, Path, dict]:
-    """NAME[@RESULTS]=KEY=VALUE,KEY=VALUE -> (name, results folder, {dotted key: value})."""
+    """NAME[@RESULTS]=KEY=VALUE,KEY=VALUE -> (name, results folder, {dotted key: value}); a value
+    may be a YAML list, e.g. ``train.crop_size=[128,96,72]``."""
     head, _, body = spec.partition("=")
     name, _, results = head.partition("@")
     overrides = {}
-    for item in filter(None, body.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", body)):  # commas inside [...] belong to a list value
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"variant {name}: {item!r} is not KEY=VALUE")
