@@ -161,12 +161,18 @@ def test_locked_text_head_trains_only_the_vision_side():
 
 def test_earlier_token_stages_refine_the_grid():
     m = {s: CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), embed_dim=16, heads=2, token_stage=s, vq_codes=0))
-         for s in (2, 3, 4)}
+         for s in (1, 2, 3, 4)}
     x = torch.rand(1, 1, 32, 32, 48)
     f = {s: m[s].vision(x) for s in m}
     assert f[4].shape[2:] == (2, 2, 3) and f[3].shape[2:] == (4, 4, 6) and f[2].shape[2:] == (8, 8, 12)
-    assert (f[3].shape[1], f[2].shape[1]) == (8 + 16, 8 + 8 + 16)
-    assert (m[2].vision.stride, m[3].vision.stride, m[4].vision.stride) == (4, 8, 16)
+    assert f[1].shape[2:] == (16, 16, 24)
+    assert (f[3].shape[1], f[2].shape[1], f[1].shape[1]) == (8 + 16, 8 + 8 + 16, 4 + 8 + 8 + 16)
+    assert (m[1].vision.stride, m[2].vision.stride, m[3].vision.stride, m[4].vision.stride) == (2, 4, 8, 16)
+    assert m[1].vision.out_channels == f[1].shape[1]
+    # stage 1 holds stage 2's map (upsampled) after its own channels
+    m[1].vision.load_state_dict(m[2].vision.state_dict())
+    up2 = torch.nn.functional.interpolate(m[2].vision(x), size=(16, 16, 24), mode="nearest")
+    assert torch.allclose(m[1].vision(x)[:, 4:], up2, atol=1e-6)
     # same weights: the stage-2 map's deepest channels are the last stage's map, upsampled (nearest)
     m[2].vision.load_state_dict(m[4].vision.state_dict())
     up = torch.nn.functional.interpolate(m[4].vision(x), size=(8, 8, 12), mode="nearest")

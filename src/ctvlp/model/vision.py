@@ -23,6 +23,9 @@ class VisionEncoder(nn.Module):
     stage's map upsampled onto it: twice the token resolution for small organs and lesions.
     token_stage 2: the second stage's map (stride 2 * stem_stride) concatenated with the third and
     last stages' maps upsampled onto it: four times the paper's resolution, same trunk compute.
+    token_stage 1: the first stage's map (stride stem_stride: 10 mm cells at 5 mm) with all deeper
+    maps upsampled onto it: cells small enough that an organ's tokens hold little of its
+    neighbours (bone next to a stone); 8x the tokens of stage 2, so the pooling costs more.
 
     ``gpu_layout(True)`` (training on CUDA): weights and inputs channels_last_3d, and the
     one-channel input padded with zero channels (the stem's weights with zeros) to ``STEM_CHANNELS``,
@@ -37,8 +40,8 @@ class VisionEncoder(nn.Module):
                           n_input_channels=1, conv1_t_size=7, conv1_t_stride=stem_stride,
                           no_max_pool=True, feed_forward=False)
         self.token_stage = token_stage
-        if token_stage not in (2, 3, 4):
-            raise ValueError(f"token_stage must be 2, 3 or 4, got {token_stage!r}")
+        if token_stage not in (1, 2, 3, 4):
+            raise ValueError(f"token_stage must be 1, 2, 3 or 4, got {token_stage!r}")
         self.out_channels = sum(widths[token_stage - 1:])
         self.stride = 2 ** (token_stage - 1) * stem_stride
         self.channels_last = False
@@ -59,10 +62,11 @@ class VisionEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
         x = n.act(n.bn1(self.stem(x)))
-        f2 = n.layer2(n.layer1(x))
+        f1 = n.layer1(x)
+        f2 = n.layer2(f1)
         f3 = n.layer3(f2)
         f4 = n.layer4(f3)
-        maps = (f2, f3, f4)[self.token_stage - 2:]
+        maps = (f1, f2, f3, f4)[self.token_stage - 1:]
         if len(maps) == 1:
             return f4
         size = maps[0].shape[2:]
