@@ -6,7 +6,9 @@ side by side on the same test cases, each difference to the first variant with a
         --variant more_data@results_scale= --label cpu
 
 Each ``--variant NAME[@RESULTS]=KEY=VALUE,KEY=VALUE`` trains phase 2 (``align``, from scratch, as the
-ablation's fVLM; ``chain=visual_cl+align`` trains phase 1 first, as the ablation's + disease CL) with the run config of ``--results`` (its ``.ctvlp/config``) changed by the dotted
+ablation's fVLM; ``chain=visual_cl+align`` trains phase 1 first, as the ablation's + disease CL;
+``chain=normality+boost,init=FOLDER`` trains phases 3 and 4 on a trained model, e.g. with
+``model.fusion=replace``; ``chain=none,init=FOLDER`` evaluates a trained model as it is) with the run config of ``--results`` (its ``.ctvlp/config``) changed by the dotted
 overrides (values read as YAML), on the cases of RESULTS (default ``--results``: a results folder
 with more training cases, e.g. ``cohort.train_cases``, has the same validation and test cases), into
 ``RESULTS/levers/NAME/``; a variant whose weights are there with the same settings is not retrained.
@@ -67,6 +69,24 @@ def parse_variant(spec: str, default_results: Path) -> tuple[str, Path, dict]:
             raise SystemExit(f"variant {name}: {item!r} is not KEY=VALUE")
         overrides[key.strip()] = yaml.safe_load(value)
     return name, Path(results) if results else default_results, overrides
+
+
+PHASE_ORDER = ("visual_cl", "align", "normality", "boost")
+
+
+def check_chain(name: str, chain: list[str], init) -> None:
+    """A chain is consecutive phases in training order ending in align or boost; one that starts
+    after align needs ``init`` (the model folder it continues from); ``none`` (with init) trains nothing."""
+    if chain == ["none"]:
+        if not init:
+            raise SystemExit(f"variant {name}: chain=none evaluates a trained model as it is: give init=FOLDER")
+        return
+    first = PHASE_ORDER.index(chain[0]) if chain[0] in PHASE_ORDER else -1
+    if first < 0 or chain != list(PHASE_ORDER[first:first + len(chain)]) or chain[-1] not in ("align", "boost"):
+        raise SystemExit(f"variant {name}: chain must be consecutive phases of {'+'.join(PHASE_ORDER)} ending in "
+                         f"align or boost, not {'+'.join(chain)}")
+    if chain[0] in ("normality", "boost") and not init:
+        raise SystemExit(f"variant {name}: chain {'+'.join(chain)} continues a trained model: give init=FOLDER")
 
 
 def apply(settings: dict, overrides: dict) -> dict:
@@ -130,20 +150,24 @@ def main(argv=None):
         name, results, overrides = parse_variant(spec, args.results)
         chain = str(overrides.pop("chain", "align")).split("+")  # e.g. chain=visual_cl+align (Eq. 2, then Eq. 1)
         contrast = overrides.pop("contrast", "disease")
-        if chain[-1] != "align" or not set(chain) <= {"visual_cl", "align"}:
-            raise SystemExit(f"variant {name}: chain must be align or visual_cl+align, not {'+'.join(chain)}")
+        start_from = overrides.pop("init", None)
+        check_chain(name, chain, start_from)
         settings = apply(base, overrides)
         settings["train"]["threads"] = args.threads
         folder = results / "levers" / name
+        as_is = chain == ["none"]  # evaluate the init model without training
+        model_dir = Path(start_from) if as_is else folder / chain[-1]
         stamp = {"model": settings["model"], "train": settings["train"], "seed": settings["seed"], "chain": chain,
-                 "contrast": contrast}
+                 "contrast": contrast, **({"init": str(start_from)} if start_from else {}),
+                 **({"weights_mtime": (model_dir / "model.safetensors").stat().st_mtime} if as_is else {})}
         done = folder / "settings.json"
-        trained = (folder / "align" / "model.safetensors").exists() and done.exists() and \
+        trained = (model_dir / "model.safetensors").exists() and done.exists() and \
             json.loads(done.read_text(encoding="utf-8")) == stamp
         start = time.perf_counter()
         if not trained:
-            init = None
-            for phase in chain:
+            init = start_from
+            folder.mkdir(parents=True, exist_ok=True)
+            for phase in [] if as_is else chain:
                 run(phase, results / "qc" / "cases.parquet", results / "reports" / "reports.parquet", folder / phase,
                     settings["model"], settings["train"], settings["seed"], init=init, contrast=contrast)
                 init = folder / phase
@@ -153,12 +177,12 @@ def main(argv=None):
         train_s = float((folder / "train_seconds.txt").read_text(encoding="utf-8"))
         # results of an unchanged variant are reused (a retrained one is evaluated afresh)
         if not trained or not (folder / "eval" / "predictions.parquet").exists():
-            evaluate_zeroshot(settings, folder / "align", results / "qc" / "cases.parquet",
+            evaluate_zeroshot(settings, model_dir, results / "qc" / "cases.parquet",
                               results / "cohort" / "ground_truth.parquet", folder / "eval")
             (folder / "train_fit.json").unlink(missing_ok=True)
         style = pl.read_csv(folder / "eval" / "prompt_styles.csv").filter(pl.col("chosen"))["style"][0]
         if not (folder / "train_fit.json").exists():
-            fit = training_fit(folder / "align", results, style, settings["evaluate"]["catalog"],
+            fit = training_fit(model_dir, results, style, settings["evaluate"]["catalog"],
                                pick_device(settings["train"]["device"]))
             (folder / "train_fit.json").write_text(json.dumps(fit), encoding="utf-8")
         fit = json.loads((folder / "train_fit.json").read_text(encoding="utf-8"))
@@ -172,12 +196,13 @@ def main(argv=None):
         elif args.val_results:
             cached = folder / f"val_predictions_{args.val_results.name}.parquet"
             if not trained or not cached.exists():
-                validation_predictions(folder / "align", args.val_results, folder, settings["evaluate"]["catalog"],
+                validation_predictions(model_dir, args.val_results, folder, settings["evaluate"]["catalog"],
                                        settings["train"]["device"]).write_parquet(cached)
             val_pred[name] = pl.read_parquet(cached)
         local = [a for d, a in fit.items() if d in _local_ids(settings)]
         rows[name] = {"overrides": ", ".join([*(f"{k}={v}" for k, v in overrides.items()),
-                                              *([f"chain={'+'.join(chain)}"] if len(chain) > 1 else [])]) or "(none)",
+                                              *([f"chain={'+'.join(chain)}"] if chain != ["align"] else []),
+                                              *([f"init={start_from}"] if start_from else [])]) or "(none)",
                       "train_cases": n_train, "train_seconds": round(train_s),
                       "train_fit_auc": float(np.mean(list(fit.values()))), "train_fit_local": float(np.mean(local))}
         print(name, rows[name], flush=True)
