@@ -150,13 +150,13 @@ def test_lint_is_clean(configfile):
     assert out.returncode == 0 and "good condition" in out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("target", ["demo", "ablation"])
+@pytest.mark.parametrize("target", ["demo", "ablation", "lesions"])
 def test_make_targets_plan_their_workflow(tmp_path, target):
     """The Makefile's snakemake commands, as make would run them, plan the intended jobs (dry run in
     a copy of the configs): argument order matters (--configfile takes every word after it)."""
     if shutil.which("make") is None:
         pytest.skip("make not installed")
-    for name in ("config.yaml", "config.ablation.yaml"):
+    for name in ("config.yaml", "config.ablation.yaml", "config.lesions.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
     out = subprocess.run(["make", "-n", "-s", "-C", str(REPO), target], capture_output=True, text=True, check=True)
     runs = [shlex.split(line) for line in out.stdout.splitlines()
@@ -167,3 +167,7 @@ def test_make_targets_plan_their_workflow(tmp_path, target):
         assert jobs.get("cohort") == 1 and jobs.get("all") == 1, jobs  # the rest waits for the cohort checkpoint
         if target == "ablation":
             assert jobs.get("ablation") == 1 and jobs["train"] == 8 and jobs["evaluate_zeroshot"] == 5, jobs
+        if target == "lesions":  # the workflow of config.yaml (no ablation variants), into its own folder
+            assert "ablation" not in jobs, jobs
+            plan = snakemake(tmp_path, "-n", *argv[1:])
+            assert "results_lesions/cohort/manifest.parquet" in plan.stdout + plan.stderr
