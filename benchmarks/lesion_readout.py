@@ -42,6 +42,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from ctvlp import catalog
+from ctvlp.evaluation.metrics import markdown
 from ctvlp.imaging.storage import load_case, paths_from
 from ctvlp.model.io import build_model, load_model, read_config
 from ctvlp.model.vision import pad_to_multiple
@@ -142,17 +143,10 @@ def main(argv=None):
             f"{len(split['train'])} training cases (C by 4-fold CV on them), AUC on the {len(split['test'])} "
             "test cases. `random init`: the same architecture untrained (seed "
             f"{args.seed}).\n\nMean over the local diseases:\n\n"
-            + _markdown(means) + "\n\nPer disease:\n\n" + _markdown(table) + "\n")
+            + markdown(means) + "\n\nPer disease:\n\n" + markdown(table) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"lesion_readout_{args.label}.md").write_text(text, encoding="utf-8")
     print(text)
-
-
-def _markdown(table: pl.DataFrame) -> str:
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    for row in table.iter_rows():
-        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
