@@ -7,7 +7,8 @@ from pathlib import Path
 
 import polars as pl
 
-from ..imaging.io import header_info
+from ..imaging.exclusion import CaseExcluded
+from ..imaging.io import choose_series, header_info, series_header_info
 from .ids import with_safe_ids
 from .labels import ground_truth, label_columns
 from .schema import EXCLUSIONS_SCHEMA, GROUND_TRUTH_SCHEMA, INGEST, MANIFEST_SCHEMA, empty, frame
@@ -25,11 +26,23 @@ def ingest(path, image_col: str = "image", report_col: str = "report", id_col: s
           split_col: str | None = None, label_cols=None, split_fractions=(0.8, 0.1, 0.1), seed: int = 0,
           base_dir=None, patient_col: str | None = None, mask_col: str | None = None,
           disease_catalog: str = "ctrate", source: str | None = None, unsafe_ids: str = "exclude",
-          fallback_encoding: str | None = None):
+          fallback_encoding: str | None = None, series_col: str | None = None, min_slices: int | None = None):
     """Manifest, ground truth and exclusions from a CSV/TSV/Parquet table of images and reports.
 
-    image_col: path of a NIfTI/NRRD/MHA file or a DICOM series folder; relative paths resolve
+    image_col: path of a NIfTI/NRRD/MHA file or a DICOM folder; relative paths resolve
         against ``base_dir`` (default: the table's folder). Spacing and shape come from the headers.
+        A DICOM folder may hold a whole study (subfolders are searched): localizers, several
+        reconstructions, dose reports. Its series is picked by ``imaging.io.choose_series``:
+        the row's ``series_col`` value when given (a uid the folder does not hold is an
+        exclusion), else the only series, else the CT series (Modality CT, not a secondary
+        capture, ImageType without LOCALIZER) with the most slices among those with at least
+        ``min_slices`` (preprocess.min_slices; None: no minimum) slices, a tie going to the lowest
+        SeriesInstanceUID. The manifest records the chosen uid (``series_uid``) and, in
+        ``ingest_note``, every series not chosen with its reason (and DICOM files without image
+        data, e.g. dose or structured reports); a folder without a usable series is an exclusion
+        listing each series' reason. Every later reader reads the recorded series.
+    series_col: optional column of SeriesInstanceUIDs naming the series of a DICOM folder (empty
+        cells: the rule above; ignored, with a note, for an image file).
     id_col: case id column; when the table has no such column the id is the image's file (or
         folder) name without its extension.
     split_col: column with train/val/test (also train(ing)/valid(ation)/dev/test(ing)); without
@@ -50,7 +63,7 @@ def ingest(path, image_col: str = "image", report_col: str = "report", id_col: s
     base = Path(base_dir) if base_dir is not None else path.resolve().parent
     source = source or path.stem
     for col, what in ((image_col, "image_col"), (report_col, "report_col"), (split_col, "split_col"),
-                      (patient_col, "patient_col"), (mask_col, "mask_col")):
+                      (patient_col, "patient_col"), (mask_col, "mask_col"), (series_col, "series_col")):
         if col is not None and col not in df.columns:
             raise ValueError(f"{path}: {what} {col!r} is not a column (columns: {', '.join(df.columns)})")
 
@@ -95,8 +108,21 @@ def ingest(path, image_col: str = "image", report_col: str = "report", id_col: s
             if mask is not None and not mask.exists():
                 excl.append({"case_id": cid, "stage": INGEST, "reason": f"mask not found: {mask}"})
                 continue
+        series_uid, notes = None, [r[ROW_NOTE]]
+        wanted = text(r[series_col]) if series_col is not None else ""
         try:
-            spacing, shape = header_info(img)
+            if img.is_dir():
+                choice = choose_series(img, wanted or None, min_slices)
+                series_uid = choice.uid
+                notes.append(choice.note)
+                spacing, shape = series_header_info(choice.files)
+            else:
+                if wanted:
+                    notes.append(f"series_uid {wanted} ignored: the image is a file, not a DICOM folder")
+                spacing, shape = header_info(img)
+        except CaseExcluded as e:
+            excl.append({"case_id": cid, "stage": INGEST, "reason": e.reason})
+            continue
         except Exception as e:  # noqa: BLE001
             excl.append({"case_id": cid, "stage": INGEST, "reason": f"unreadable image {img}: {e}"})
             continue
@@ -113,7 +139,7 @@ def ingest(path, image_col: str = "image", report_col: str = "report", id_col: s
                      "spacing_x": spacing[0], "spacing_y": spacing[1], "spacing_z": spacing[2],
                      "shape_x": shape[0], "shape_y": shape[1], "shape_z": shape[2],
                      "rescale_slope": None, "rescale_intercept": None, "source_id": cid,
-                     "ingest_note": r[ROW_NOTE]})
+                     "ingest_note": "; ".join(filter(None, notes)) or None, "series_uid": series_uid})
         label_of[cid] = r
 
     rows = with_safe_ids(rows, unsafe_ids, excl)

@@ -6,7 +6,10 @@ manifest (``MANIFEST_SCHEMA``), one row per case
     image_path (a file or a DICOM series folder), mask_path (the demo's or a table's masks, else
     null), report_text, source, spacing_x/y/z (mm; authoritative over the image header),
     shape_x/y/z, rescale_slope, rescale_intercept (CT-RATE's metadata; else null), source_id (the
-    id as the source gave it), ingest_note (what ingest changed on the way in, or null).
+    id as the source gave it), ingest_note (what ingest changed on the way in, or null),
+    series_uid (the SeriesInstanceUID of the DICOM series that is the case's image when image_path
+    is a DICOM study folder, ``imaging.io.choose_series``; null otherwise: every reader then
+    applies the same rule).
 ground truth (``GROUND_TRUTH_SCHEMA``), long: case_id, disease_id, anatomy, label (int8); empty
     for a source without labels. Read only by evaluation.
 exclusions (``EXCLUSIONS_SCHEMA``): case_id, stage, reason. Nothing is dropped silently: stage
@@ -30,6 +33,7 @@ MANIFEST_SCHEMA = {
     "rescale_slope": pl.Float64, "rescale_intercept": pl.Float64,
     "source_id": pl.Utf8,  # the id as the source gave it (differs from case_id only under cohort.unsafe_ids: slug)
     "ingest_note": pl.Utf8,  # what ingest changed on the way in (id mapped, report decoded with a fallback), or null
+    "series_uid": pl.Utf8,  # a DICOM folder's chosen series (imaging.io.choose_series), else null
 }
 GROUND_TRUTH_SCHEMA = {"case_id": pl.Utf8, "disease_id": pl.Utf8, "anatomy": pl.Utf8, "label": pl.Int8}
 EXCLUSIONS_SCHEMA = {"case_id": pl.Utf8, "stage": pl.Utf8, "reason": pl.Utf8}

@@ -42,7 +42,8 @@ def build_cohort(settings: dict, out_dir, threads: int = 1) -> dict[str, Path]:
             split_col=source["split_col"], label_cols=source["label_cols"], split_fractions=tuple(cohort["split"]),
             seed=seed, patient_col=source["patient_col"], mask_col=source["mask_col"],
             disease_catalog=settings["evaluate"]["catalog"], unsafe_ids=cohort["unsafe_ids"],
-            fallback_encoding=cohort["text_fallback_encoding"])
+            fallback_encoding=cohort["text_fallback_encoding"], series_col=source["series_col"],
+            min_slices=settings["preprocess"]["min_slices"] if "preprocess" in settings else None)
     paths = write(manifest, truth, excluded, out_dir)
     log.info("%d cases in the manifest, %d exclusions (see %s)", len(manifest), len(excluded), paths["exclusions"])
     return paths

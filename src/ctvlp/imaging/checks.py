@@ -146,25 +146,27 @@ def without_nonfinite(image: sitk.Image, path, max_fraction: float) -> tuple[sit
     return repaired, warning
 
 
-def check_image(path: str | Path, cfg: dict, verify_data: bool = False, image: sitk.Image | None = None) -> dict:
+def check_image(path: str | Path, cfg: dict, verify_data: bool = False, image: sitk.Image | None = None,
+                series_uid: str | None = None) -> dict:
     """Header-level checks shared by segment and preprocess: readable, CT, 3D, enough slices,
     plausible spacing; with ``verify_data`` also that a NIfTI file is complete. ``image``: the
-    already read image (a DICOM series is then not read a second time). Raises ``CaseExcluded``;
+    already read image (a DICOM series is then not read a second time). ``series_uid``: the series
+    of a DICOM folder (the manifest's; None: ``io.choose_series``'s rule). Raises ``CaseExcluded``;
     returns the grid (size, spacing)."""
     path = Path(path)
     if verify_data and path.name.endswith((".nii", ".nii.gz")):
         verify_nifti_data(path)
-    mod = modality(path)
+    mod = modality(path, series_uid)
     if mod and mod != "CT":
         raise CaseExcluded(f"DICOM modality {mod}, not CT")
     if image is None and path.is_dir():  # the series' declared size, before reading its voxels
         try:
-            spacing, size = header_info(path)
+            spacing, size = header_info(path, series_uid)
         except (ValueError, RuntimeError) as e:
             raise CaseExcluded(f"unreadable DICOM series {path}: {first_line(e)}") from e
         check_geometry(size, spacing, 3, cfg["min_slices"], cfg["spacing_range"], cfg["max_voxels"])
     if image is not None or path.is_dir():
-        img = image if image is not None else read_image(path)
+        img = image if image is not None else read_image(path, series_uid)
         size, spacing, dim = img.GetSize(), img.GetSpacing(), img.GetDimension()
     else:
         if not path.is_file():

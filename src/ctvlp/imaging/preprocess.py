@@ -38,9 +38,10 @@ def preprocess_case(case: dict, anatomy_path: str | Path, cfg: dict, out_dir: st
     arrays that training memory-maps, and meta.json recording what was done (the QC row).
     Raises ``CaseExcluded`` for unusable input.
     """
-    checks.check_image(case["image_path"], cfg)  # the declared size before anything is read or allocated
+    series = case.get("series_uid")  # a DICOM folder's series (None: io.choose_series's rule)
+    checks.check_image(case["image_path"], cfg, series_uid=series)  # the declared size before anything is read
     image, spacing_source = read_case_image(case)
-    grid = checks.check_image(case["image_path"], cfg, image=image)
+    grid = checks.check_image(case["image_path"], cfg, image=image, series_uid=series)
     target = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), cfg["spacing"])]
     if np.prod(target, dtype=np.float64) > cfg["max_voxels"]:
         raise CaseExcluded(f"resampled to {cfg['spacing']} mm the volume would be {target} voxels, more than "

@@ -65,8 +65,8 @@ def segment_case(case: dict, cfg: dict, out_dir: str | Path) -> pl.DataFrame:
     raise ``CaseExcluded``.
     """
     # headers first (declared size, spacing); a DICOM series is then read once for checks and grid
-    check_image(case["image_path"], cfg["preprocess"], verify_data=True)
-    series = read_image(case["image_path"]) if Path(case["image_path"]).is_dir() else None
+    check_image(case["image_path"], cfg["preprocess"], verify_data=True, series_uid=case.get("series_uid"))
+    series = read_image(case["image_path"], case.get("series_uid")) if Path(case["image_path"]).is_dir() else None
     try:
         classes, version = class_map(cfg["backend"], case, cfg, image=series)
         anat = group_classes(classes, version)

@@ -75,10 +75,11 @@ def _image_grid(case: dict, image: sitk.Image | None = None) -> dict:
     """Size, spacing, origin and direction of the case's image as ``io.read_case_image``
     returns it (the manifest's spacing where the header disagrees); ``header_spacing`` keeps the
     header's, so a mask made on the header grid is still recognised as voxel-aligned. ``image``:
-    the image as already read (a DICOM series is then not read again)."""
+    the image as already read (a DICOM series is then not read again). A DICOM folder's series is
+    the manifest's ``series_uid`` (else ``io.choose_series``'s rule)."""
     path = Path(case["image_path"])
     if image is not None or path.is_dir():  # DICOM: only the series reader knows slice order and spacing
-        img = image if image is not None else read_image(path)
+        img = image if image is not None else read_image(path, case.get("series_uid"))
         grid = {"size": img.GetSize(), "spacing": img.GetSpacing(), "origin": img.GetOrigin(),
                 "direction": img.GetDirection()}
     elif not path.is_file():
