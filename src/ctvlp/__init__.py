@@ -3,9 +3,10 @@
 __version__ = "0.1.0"
 
 
-def load_model(model_dir, config="config.yaml", thresholds=None, device="auto"):
-    """A trained model for single-scan prediction: ``ctvlp.load_model(DIR).predict(SCAN, mask=SEG)``
-    (see ctvlp.predict)."""
+def load_model(model_dir, config=None, thresholds=None, device="auto", allow_text_model_mismatch=False):
+    """A trained model for single-scan prediction: ``ctvlp.load_model(DIR).predict(SCAN, mask=SEG)``.
+    DIR a model bundle (the workflow's results/model: settings, prompts and thresholds travel with
+    it), or a model folder with its ``config`` (see ctvlp.predict and ctvlp.bundle)."""
     from .predict import load_model as _load
 
-    return _load(model_dir, config, thresholds, device)
+    return _load(model_dir, config, thresholds, device, allow_text_model_mismatch)

@@ -147,12 +147,29 @@ def cmd_predict(args):
     from . import predict
     from .evaluation.metrics import markdown
 
-    model = predict.load_model(args.model, args.config, args.thresholds, args.device)
+    model = predict.load_model(args.model, args.config, args.thresholds, args.device,
+                               allow_text_model_mismatch=args.allow_text_model_mismatch)
+    if model.bundle is not None:
+        b = model.bundle
+        log.info("model bundle %s: trained with ctvlp %s, catalog %s, prompt style %s, %s", args.model,
+                 b["ctvlp_version"], b["diseases"]["catalog"], b["diseases"]["prompt_style"],
+                 "thresholds chosen on validation" if b["thresholds"] else "no thresholds (not evaluated)")
     pred = model.predict(args.scan, mask=args.mask)
-    out = args.out or Path(args.model) / "predictions" / str(pred["case_id"][0])
+    out = args.out or Path("predictions") / str(pred["case_id"][0])
     paths = predict.write(pred, out)
     print(markdown(pred.select("disease", "anatomy", "probability", "threshold", "decision", "reason")))
     log.info("wrote %s and %s", paths["csv"], paths["json"])
+
+
+def cmd_bundle(args):
+    from . import bundle
+
+    path = bundle.write(_settings(args), args.model, args.out, args.thresholds)
+    content = json.loads(path.read_text(encoding="utf-8"))
+    log.info("wrote %s: catalog %s, prompt style %s (%s), %s; text model %s sha256 %s", path,
+             content["diseases"]["catalog"], content["diseases"]["prompt_style"], content["diseases"]["prompt_style_from"],
+             f"{len(content['thresholds']['values'])} thresholds" if content["thresholds"] else "no thresholds",
+             content["text_model"]["name"], content["text_model"]["sha256"][:16])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -216,12 +233,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="NAME=folder with its zeroshot.csv and predictions.parquet (repeat; fvlm is the reference)")
     p.add_argument("--out", required=True, help="ablation.md (and .csv beside it)")
     p = add("predict", cmd_predict, "per-disease probabilities and decisions for one CT scan", "--model")
+    next(a for a in p._actions if a.dest == "config").help = (
+        "optional with a model bundle: runtime keys (train.device, segment.device, ...); refused where it "
+        "contradicts a key the bundle fixes. Required for a model folder without bundle.json")
+    p.set_defaults(config=None)
     p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
     p.add_argument("--mask", default=None, help="its TotalSegmentator multilabel mask (else segment.backend runs)")
     p.add_argument("--thresholds", default=None,
-                   help="results/eval/zeroshot.csv: per-disease thresholds chosen on validation (for decisions)")
+                   help="only for a model folder without bundle.json: results/eval/zeroshot.csv (a bundle holds them)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="output prefix for .csv and .json (default MODEL/predictions/<scan>)")
+    p.add_argument("--allow-text-model-mismatch", action="store_true",
+                   help="predict even if the text model's files differ from those the model was trained with")
+    p.add_argument("--out", default=None, help="output prefix for .csv and .json (default predictions/<scan>)")
+    p = add("bundle", cmd_bundle, "a self-contained model folder for `ctvlp predict`: the weights, config.json and "
+            "bundle.json (settings, anatomy grouping, prompts, thresholds, text model hash)", "--model", "--out")
+    p.add_argument("--thresholds", default=None,
+                   help="results/eval/zeroshot.csv: thresholds and prompt style chosen on validation (leave out "
+                        "when the cohort has no labels: a bundle without thresholds)")
     return parser
 
 

@@ -1,24 +1,33 @@
 """A trained model on one CT scan: `ctvlp predict SCAN [--mask SEG] --model DIR` and
 ``ctvlp.load_model(DIR).predict(SCAN, mask=SEG)``.
 
-The scan goes through the same segmentation and preprocessing as training (settings from the
-workflow config), then every zero-shot disease of the catalog is scored from its anatomy's
-embedding. A decision is given at the threshold chosen on the validation split by the
-evaluate stage (results/eval/zeroshot.csv), when those thresholds are given.
+DIR is a model bundle (the workflow's results/model, ``ctvlp.bundle``): the scan goes through the
+segmentation and preprocessing the model was trained with, every zero-shot disease of the model's
+catalog is scored from its anatomy's embedding with the recorded prompts and prompt style, and a
+decision is given at the threshold chosen on the validation split by the evaluate stage, when the
+bundle holds thresholds. No workflow config is read unless one is given; one given must agree with
+the bundle on every key the bundle fixes (``bundle.predict_settings``).
+
+A folder without bundle.json (a training folder, an old model) still loads when its config is given
+(``config=``, `--config`), with ``thresholds`` from results/eval/zeroshot.csv; nothing then checks
+that they are the ones it was trained with.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 
+from . import bundle as bundlemod
+from . import catalog
 from . import config as cfgmod
-from .catalog import anatomy_by_name
 from .evaluation.embed import crop_size, embed_volume
 from .evaluation.schema import NOT_EVALUABLE_ANATOMY
 from .imaging.exclusion import CaseExcluded
@@ -26,14 +35,39 @@ from .imaging.preprocess import preprocess_case
 from .imaging.segment import segment_case
 from .model.io import load_model as load_weights
 from .model.io import pick_device
-from .model.zeroshot import disease_scores
+from .model.zeroshot import prompt_embedding, zero_shot_scores
 from .workspace import case_id_problem, slug
+
+log = logging.getLogger(__name__)
+read_thresholds = bundlemod.read_thresholds  # the evaluate stage's zeroshot.csv
+
+
+@torch.no_grad()
+def score_diseases(model, emb: torch.Tensor, diseases, style: str | None = None):
+    """Yield (disease, P(positive) per row) for every zero-shot disease of ``diseases`` (catalog
+    entries, e.g. a bundle's); emb (N, M, D). As ``model.zeroshot.disease_scores``, which reads
+    the installed catalog by name."""
+    for d in diseases:
+        if not d.zero_shot:
+            continue
+        j = catalog.anatomy_by_name(d.anatomy).index - 1
+        positive, negative = d.prompts_of(style)
+        if model.vis_global is not None:
+            pos = F.normalize(model.encode_report_global(list(positive)).mean(0), dim=-1)
+            neg = F.normalize(model.encode_report_global(list(negative)).mean(0), dim=-1)
+        else:
+            pos = prompt_embedding(model, positive, j)
+            neg = prompt_embedding(model, negative, j)
+        yield d, zero_shot_scores(emb[:, j], pos, neg, model.logit_scale).float().cpu().numpy()
 
 
 class Predictor:
-    def __init__(self, model, settings: dict, thresholds: dict[str, float], device, prompt_style: str | None = None):
+    def __init__(self, model, settings: dict, thresholds: dict[str, float], device, prompt_style: str | None = None,
+                 diseases: tuple[catalog.Disease, ...] | None = None, bundle: dict | None = None):
         self.model, self.settings, self.thresholds, self.device = model, settings, thresholds, device
         self.prompt_style = prompt_style  # as chosen on validation by the evaluation (None: the catalog's first)
+        self.diseases = diseases if diseases is not None else catalog.diseases(settings["evaluate"]["catalog"])
+        self.bundle = bundle  # the model's bundle.json (None: a folder loaded with a given config)
 
     @torch.no_grad()
     def predict(self, scan: str | Path, mask: str | Path | None = None, case_id: str | None = None) -> pl.DataFrame:
@@ -59,9 +93,9 @@ class Predictor:
         complete = table.sort("index")["complete"].to_numpy()
         emb = embed_volume(self.model, img, anat, complete, meta["anatomy_bbox"], self.device, crop_size(s))
         rows = []
-        for d, scores in disease_scores(self.model, torch.from_numpy(emb)[None].to(self.device), s["evaluate"]["catalog"],
+        for d, scores in score_diseases(self.model, torch.from_numpy(emb)[None].to(self.device), self.diseases,
                                         self.prompt_style):
-            ok = bool(complete[anatomy_by_name(d.anatomy).index - 1])
+            ok = bool(complete[catalog.anatomy_by_name(d.anatomy).index - 1])
             thr = self.thresholds.get(d.id)
             prob = float(scores[0]) if ok else None
             rows.append({"case_id": case["case_id"], "disease_id": d.id, "disease": d.name, "anatomy": d.anatomy,
@@ -73,30 +107,58 @@ class Predictor:
                                           "probability": pl.Float64, "threshold": pl.Float64, "decision": pl.Utf8})
 
 
-def read_thresholds(path: str | Path | None) -> tuple[dict[str, float], str | None]:
-    """Per-disease thresholds from the evaluate stage's zeroshot.csv (chosen on validation) and the
-    prompt style the evaluation chose on validation."""
-    if path is None:
-        return {}, None
-    table = pl.read_csv(path)
-    styles = table["prompt_style"].drop_nulls().to_list() if "prompt_style" in table.columns else []
-    style = styles[0] if styles else None
-    rows = table.filter(pl.col("disease_id") != "mean").drop_nulls("threshold")
-    return dict(zip(rows["disease_id"], rows["threshold"])), style
+def _bundle_thresholds(content: dict, thresholds, where) -> tuple[dict[str, float], str]:
+    """The bundle's thresholds and prompt style; a thresholds file given beside it must hold the same."""
+    recorded = content["thresholds"]["values"] if content["thresholds"] else {}
+    style = content["diseases"]["prompt_style"]
+    if thresholds is not None:
+        values, chosen = read_thresholds(thresholds)
+        if recorded and values != recorded:
+            differ = sorted(k for k in set(values) | set(recorded) if values.get(k) != recorded.get(k))
+            raise bundlemod.BundleError(
+                f"{thresholds} contradicts the thresholds of the model bundle {where} ({differ[0]}: file says "
+                f"{values.get(differ[0])}, bundle {recorded.get(differ[0])}); leave --thresholds out: the bundle holds them")
+        if not recorded:
+            raise bundlemod.BundleError(f"the model bundle {where} holds no thresholds (built before evaluation); "
+                                        f"rebuild it with `ctvlp bundle --thresholds {thresholds}` instead of giving them")
+        if chosen is not None and chosen != style:
+            raise bundlemod.BundleError(f"{thresholds} was chosen with prompt style {chosen!r}, the model bundle "
+                                        f"{where} predicts with {style!r}")
+    return recorded, style
 
 
-def load_model(model_dir: str | Path, config: str | Path | dict | None = "config.yaml",
-               thresholds: str | Path | None = None, device: str = "auto") -> Predictor:
-    """A trained model ready for ``.predict(scan, mask=None)``. ``config``: the workflow config
-    (file or dict) whose preprocess/segment/evaluate settings the model was trained and
-    evaluated with; ``thresholds``: results/eval/zeroshot.csv for decisions."""
-    settings = cfgmod.validate(dict(config)) if isinstance(config, dict) else (
-        cfgmod.load(config) if config is not None else cfgmod.validate({}))
+def load_model(model_dir: str | Path, config: str | Path | dict | None = None,
+               thresholds: str | Path | None = None, device: str = "auto",
+               allow_text_model_mismatch: bool = False) -> Predictor:
+    """A trained model ready for ``.predict(scan, mask=None)``.
+
+    ``model_dir`` a model bundle (bundle.json beside the weights): settings, prompts, prompt style
+    and thresholds come from it; ``config`` (file or dict) may add runtime keys (device, threads,
+    segment.device, ...) but is refused where it contradicts a key the bundle fixes. The weights'
+    and text model's hashes are checked (``allow_text_model_mismatch``: warn instead of refusing a
+    different text model). ``thresholds`` need not be given (when given they must be the bundle's).
+
+    A folder without bundle.json needs ``config``: the workflow config whose preprocess/segment/
+    evaluate settings the model was trained and evaluated with, and ``thresholds``:
+    results/eval/zeroshot.csv for decisions."""
+    content = bundlemod.read(model_dir)
+    if content is None:
+        if config is None:
+            raise bundlemod.BundleError(bundlemod.no_bundle_message(model_dir))
+        settings = cfgmod.validate(dict(config)) if isinstance(config, dict) else cfgmod.load(config)
+        values, style = read_thresholds(thresholds)
+        if style is None and settings["evaluate"]["prompt_style"] != "auto":
+            style = settings["evaluate"]["prompt_style"]
+        dev = pick_device(device if device != "auto" else settings["train"]["device"])
+        return Predictor(load_weights(model_dir, dev), settings, values, dev, style)
+    where = str(Path(model_dir) / bundlemod.FILE)
+    settings = bundlemod.predict_settings(content, config, where)
+    bundlemod.check_weights(content, model_dir)
+    bundlemod.check_anatomies(content)
+    bundlemod.check_text_model(content, allow_text_model_mismatch)
+    values, style = _bundle_thresholds(content, thresholds, where)
     dev = pick_device(device if device != "auto" else settings["train"]["device"])
-    values, style = read_thresholds(thresholds)
-    if style is None and settings["evaluate"]["prompt_style"] != "auto":
-        style = settings["evaluate"]["prompt_style"]
-    return Predictor(load_weights(model_dir, dev), settings, values, dev, style)
+    return Predictor(load_weights(model_dir, dev), settings, values, dev, style, bundlemod.diseases_of(content), content)
 
 
 def write(pred: pl.DataFrame, out_prefix: str | Path) -> dict[str, Path]:

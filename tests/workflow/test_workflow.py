@@ -12,7 +12,9 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
+import ctvlp
 from ctvlp import catalog
+from ctvlp.config import validate
 from ctvlp.model.io import load_model
 
 from conftest import REPO
@@ -87,6 +89,20 @@ def test_outputs_hold_what_each_stage_promises(run):
     assert (r / "benchmarks/train/train_align.tsv").read_text(encoding="utf-8").startswith("s\t")
 
 
+def test_the_model_bundle_holds_the_boost_model_and_the_evaluations_thresholds(run):
+    r = run / "results"
+    content = json.loads((r / "model/bundle.json").read_text(encoding="utf-8"))
+    assert (r / "model/model.safetensors").read_bytes() == (r / "train/boost/model.safetensors").read_bytes()
+    table = pl.read_csv(r / "eval/zeroshot.csv").filter(pl.col("disease_id") != "mean").drop_nulls("threshold")
+    assert content["thresholds"]["values"] == dict(zip(table["disease_id"], table["threshold"]))
+    assert content["diseases"]["prompt_style"] == table["prompt_style"][0]
+    assert content["settings"]["preprocess"]["spacing"] == [8.0, 8.0, 8.0]
+    assert content["settings"]["model"]["vq_codes"] == 4
+    # the run's own config agrees with the bundle on every key it fixes
+    run_config = validate(yaml.safe_load(TEST_CONFIG.read_text(encoding="utf-8")))
+    assert ctvlp.load_model(r / "model", run_config, device="cpu").thresholds == content["thresholds"]["values"]
+
+
 def test_html_report_holds_tables_figures_and_captions(run):
     out = snakemake(run, "--report", "report.html")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -109,11 +125,13 @@ def test_parameter_change_reruns_only_dependent_rules(run):
     cfg["evaluate"] = {"threshold": "closest"}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     try:
-        assert planned_rules(run) == {"evaluate_zeroshot", "linear_probe", "figures", "all"}
+        # the model bundle too: its thresholds and its settings
+        assert planned_rules(run) == {"evaluate_zeroshot", "linear_probe", "figures", "bundle", "all"}
         cfg["preprocess"]["spacing"] = [9.0, 9.0, 9.0]
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
         jobs = planned_jobs(run)
-        assert set(jobs) == {"preprocess", "qc", "train", "evaluate_zeroshot", "linear_probe", "figures", "all"}
+        assert set(jobs) == {"preprocess", "qc", "train", "evaluate_zeroshot", "linear_probe", "figures", "bundle",
+                             "all"}
         assert jobs["train"] == 4  # every phase of the chain, from the first
         cfg = yaml.safe_load(TEST_CONFIG.read_text(encoding="utf-8"))
         cfg["train"]["threads"], cfg["train"]["checkpoint_every"] = 1, 7  # runtime keys: nothing to redo

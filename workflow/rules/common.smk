@@ -65,12 +65,15 @@ def has_labels():
 
 
 def final_targets(wildcards):
-    """Everything `snakemake` builds by default; evaluation only when the cohort has labels."""
-    if not has_labels():
-        return [results_path("qc/summary.md"), results_path("train/boost/model.safetensors")]
+    """Everything `snakemake` builds by default; evaluation only when the cohort has labels; the model
+    bundle (results/model) either way."""
+    if not has_labels():  # the model bundle without thresholds
+        return [results_path("qc/summary.md"), results_path("train/boost/model.safetensors"),
+                results_path("model/bundle.json")]
     return [results_path(f) for f in ("eval/zeroshot.md", "eval/zeroshot_by_organ.md", "eval/zeroshot_by_type.md",
                            "eval/linear_probe.md", "eval/figures/roc_per_organ.png", "eval/figures/tsne.png",
-                           "eval/figures/activation_histograms.png", "eval/figures/activation_maps.png")]
+                           "eval/figures/activation_histograms.png", "eval/figures/activation_maps.png",
+                           "model/bundle.json")]
 
 
 def parent_of(name, up=0):

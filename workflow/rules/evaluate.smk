@@ -134,3 +134,40 @@ rule ablation:
     shell:
         "ctvlp ablation --config {params.config_file:q} --sections {params.sections} --threads {threads}"
         " {params.variants} --out {output.table:q} > {log:q} 2>&1"
+
+
+# The self-contained model `ctvlp predict --model results/model SCAN` runs without a config: the
+# full method's weights with bundle.json (the settings it was trained with, the anatomy grouping,
+# the disease prompts and prompt style, the text model's hash, and the thresholds chosen on
+# validation; without labels there is no evaluation, and the bundle holds no thresholds).
+from ctvlp import bundle as model_bundle
+
+
+rule bundle:
+    input:
+        weights=results_path("train/boost/model.safetensors"),
+        config=results_path("train/boost/config.json"),
+        # once evaluation has run: only a cohort with labels is evaluated
+        thresholds=lambda w: results_path("eval/zeroshot.csv") if has_labels() else [],
+    output:
+        weights=results_path("model/model.safetensors"),
+        config=results_path("model/config.json"),
+        bundle=results_path("model/bundle.json"),
+    params:
+        **settings(*model_bundle.sections()),
+        model_dir=parent_of("weights"),
+        out_dir=parent_of("bundle"),
+        thresholds=lambda w, input: f"--thresholds {shlex.quote(str(input.thresholds))}" if input.thresholds else "",
+    log:
+        results_path("logs/bundle.log"),
+    benchmark:
+        results_path("benchmarks/bundle.tsv")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "ctvlp bundle --config {params.config_file:q} --sections {params.sections} --threads {threads}"
+        " --model {params.model_dir:q} {params.thresholds} --out {params.out_dir:q} > {log:q} 2>&1"
