@@ -8,8 +8,8 @@ checkpoint cohort:
         ground_truth=results_path("cohort/ground_truth.parquet"),
         exclusions=results_path("cohort/exclusions.parquet"),
     params:
-        # the disease catalog matters here only to match label columns
-        **settings("cohort", "seed", "evaluate.catalog"),
+        # the disease catalog matters here only to match label columns; min_slices to pick a DICOM study's series
+        **settings("cohort", "seed", "evaluate.catalog", "preprocess.min_slices"),
         out=parent_of("manifest"),
     log:
         results_path("logs/cohort.log"),

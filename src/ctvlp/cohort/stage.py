@@ -33,6 +33,11 @@ def build_cohort(settings: dict, out_dir, threads: int = 1) -> dict[str, Path]:
             source["volumes_root"], source["metadata_csv"], source["reports_csv"], source["labels_csv"],
             split=source["split"], one_recon_per_scan=source["one_recon_per_scan"],
             val_fraction=source["val_fraction"], seed=seed, fallback_encoding=cohort["text_fallback_encoding"])
+        test = set(manifest.filter(manifest["split"] == "test")["case_id"])
+        if source["labels_csv"] and test and not test & set(truth["case_id"]):
+            log.warning("none of the %d test cases (CT-RATE's valid volumes) has labels: give "
+                        "cohort.ctrate.labels_csv as a list with valid_predicted_labels.csv beside the train file, "
+                        "or the evaluation has nothing to score", len(test))
     else:
         source = cohort["table"]
         if not source["path"]:
