@@ -233,6 +233,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="NAME=folder with its zeroshot.csv and predictions.parquet (repeat; fvlm is the reference)")
     p.add_argument("--out", required=True, help="ablation.md (and .csv beside it)")
     p = add("predict", cmd_predict, "per-disease probabilities and decisions for one CT scan", "--model")
+    next(a for a in p._actions if a.dest == "model").help = (
+        "a model bundle (the workflow's results/model, or `ctvlp bundle`'s --out), or a model folder with --config")
     next(a for a in p._actions if a.dest == "config").help = (
         "optional with a model bundle: runtime keys (train.device, segment.device, ...); refused where it "
         "contradicts a key the bundle fixes. Required for a model folder without bundle.json")
