@@ -20,11 +20,16 @@ $(BIN)/ctvlp: pyproject.toml
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[all,test]'
 	touch $@
 
-install: $(BIN)/ctvlp
+# TotalSegmentator too when asked (make install TOTALSEG=1) or when config.yaml selects it
+# (segment.backend: totalsegmentator); make demo installs through this target.
+TOTALSEG ?= $(shell grep -Eq '^[[:space:]]+backend:[[:space:]]*totalsegmentator' config.yaml 2>/dev/null && echo 1)
+install: $(BIN)/ctvlp $(if $(filter 1 yes true,$(TOTALSEG)),$(VENV)/.totalseg)
 
-# The tests also check the catalog against TotalSegmentator's own class map. TotalSegmentator
-# brings a torchvision built for CUDA that cannot import next to CPU torch (and breaks
-# transformers); nnU-Net does not need it, so it is removed when it fails to import.
+# The tests also check the catalog against TotalSegmentator's own class map and run it on real CTs.
+# TotalSegmentator brings a torchvision built for CUDA that cannot import next to CPU torch (and
+# breaks transformers); nnU-Net's inference does not need it (ctvlp.imaging.totalseg names the
+# trainer classes so nnU-Net does not import its Primus trainers, which need timm and torchvision),
+# so it is removed when it fails to import.
 $(VENV)/.totalseg: $(BIN)/ctvlp
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt 'totalsegmentator>=2.0'
 	$(BIN)/python -c 'import torchvision' 2>/dev/null || $(BIN)/python -m pip uninstall -q -y torchvision

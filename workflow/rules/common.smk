@@ -9,6 +9,7 @@ import polars as pl
 
 from ctvlp import config as cfgmod
 from ctvlp import workspace
+from ctvlp.imaging.segmentation import preflight as segment_preflight
 from ctvlp.training import launch
 
 # Fill defaults and stop at start with the offending key on any unknown key or wrong type.
@@ -20,6 +21,12 @@ _results_problem = workspace.results_problem(config["results"], protected=[workf
                                              force=config["results_force"])
 if _results_problem:
     raise cfgmod.ConfigError(_results_problem)
+
+# segment.backend totalsegmentator: its package and weights (segment.fast: only the 3 mm model's
+# folder) must be there before any job, not found missing by the first segment job.
+_segment_problem = segment_preflight(config["segment"])
+if _segment_problem:
+    raise cfgmod.ConfigError(_segment_problem)
 
 # The run's validated config, written when the workflow starts (onstart in the Snakefile) and read
 # by every stage: no config value travels on a command line. Named by its content, so two runs

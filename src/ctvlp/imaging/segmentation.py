@@ -27,7 +27,11 @@ Backends (``case`` is a manifest row as a dict: case_id, image_path, mask_path, 
     ConnectionError) is raised as ``WeightsMissingError`` with the same advice.
     ``cfg["threads"]`` (default 1) caps TotalSegmentator's resampling/saving threads. Usage statistics are
     switched off by writing ``"send_usage_stats": false`` into ``<TOTALSEG_HOME_DIR>/config.json``
-    before every call (that file is the only switch TotalSegmentator 2.x reads).
+    before every call (that file is the only switch TotalSegmentator 2.x reads). Inside
+    ``shard_session(cfg)`` (the segment stage runs a shard of cases in one) each of its nnU-Net
+    networks is loaded once for all cases rather than once per call (``totalseg.Session``: the
+    same TotalSegmentator steps, the same masks). ``preflight(cfg)`` names what would stop the
+    backend (package or weights missing) so the workflow can refuse to start.
 
 Every mask (any backend) that is not already on the image grid is resampled onto it through both
 images' physical coordinates (nearest neighbour), so masks stored on another grid or with flipped
@@ -37,7 +41,9 @@ axes (e.g. a NIfTI written from a DICOM series) land on the right voxels.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import logging
 import os
 import random
 import string
@@ -50,6 +56,8 @@ import SimpleITK as sitk
 from .. import catalog
 from .io import manifest_spacing, read_case_image, read_image
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("phantom", "precomputed", "totalsegmentator")
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -61,6 +69,10 @@ WEIGHTS_HELP = (
     "with segment.path: a folder of {{case_id}}.nii.gz multilabel masks or {{case_id}}/<class>.nii.gz files."
 )
 DOWNLOAD_HINT = "; or set segment.download: true to let TotalSegmentator download them itself (needs internet)"
+INSTALL_HELP = (
+    "segment.backend is totalsegmentator, but the totalsegmentator package is not installed in this "
+    "environment: run `make install TOTALSEG=1` (installs it into .venv; `make install` and `make demo` do so by "
+    "themselves when config.yaml selects segment.backend: totalsegmentator), or `pip install 'ctvlp[totalseg]'`.")
 
 
 class WeightsMissingError(RuntimeError):
@@ -331,6 +343,53 @@ def _weights_message(wdir: Path, missing: list[str], fast: bool, cause: str = ""
                                                download="" if cause else DOWNLOAD_HINT))
 
 
+def preflight(cfg: dict) -> str | None:
+    """What stops the configured segment backend before any case runs, or None: for
+    totalsegmentator, the package not installed or its weights (for segment.fast, only the 3 mm
+    model's folder) missing from the TotalSegmentator home. ``cfg``: the segment section."""
+    if cfg.get("backend") != "totalsegmentator":
+        return None
+    if importlib.util.find_spec("totalsegmentator") is None:
+        return INSTALL_HELP
+    if cfg.get("download", False):
+        return None  # TotalSegmentator fetches what is missing (a failed download is reported per case)
+    fast = bool(cfg.get("fast", False))
+    wdir = weights_dir(totalseg_home(cfg))
+    missing = missing_weights(wdir, required_datasets(fast, roi_subset(cfg.get("anatomies"))))
+    if not missing:
+        return None
+    note = ("" if fast else " With segment.fast: true only one folder is needed, the 3 mm model's ("
+            + required_datasets(True, None)[0] + "; `totalseg_download_weights -t total_fast`).")
+    return _weights_message(wdir, missing, fast) + note
+
+
+@contextlib.contextmanager
+def shard_session(cfg: dict):
+    """Segment many cases inside this block. With the totalsegmentator backend, TotalSegmentator's
+    nnU-Net networks are then built and loaded once for all the block's cases (``totalseg.Session``)
+    instead of once per ``totalsegmentator()`` call; other backends load nothing, so the block
+    does nothing for them. Yields the session (None for other backends). Missing weights raise
+    ``WeightsMissingError`` and a missing package ImportError here, before any case."""
+    if cfg.get("backend") != "totalsegmentator":
+        yield None
+        return
+    problem = preflight(cfg)
+    if problem == INSTALL_HELP:
+        raise ImportError(problem)
+    if problem:
+        raise WeightsMissingError(problem)
+    from .totalseg import Session
+
+    session = Session()
+    try:
+        with session.active():
+            yield session
+    finally:
+        log.info("TotalSegmentator: %d network(s) loaded in %.1f s, %.1f s of nnU-Net prediction",
+                 session.loads, session.load_seconds, session.predict_seconds)
+        session.close()
+
+
 def _totalsegmentator(case: dict, cfg: dict, grid: dict) -> tuple[sitk.Image, str]:
     home = totalseg_home(cfg)
     fast = bool(cfg.get("fast", False))
@@ -347,6 +406,9 @@ def _totalsegmentator(case: dict, cfg: dict, grid: dict) -> tuple[sitk.Image, st
         import requests
         from totalsegmentator.python_api import totalsegmentator
 
+        from .totalseg import register_trainers
+
+        register_trainers()
         if (image_path.is_file() and image_path.name.endswith((".nii.gz", ".nii"))
                 and tuple(grid["spacing"]) == tuple(grid["header_spacing"])):
             inp = image_path

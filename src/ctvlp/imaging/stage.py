@@ -16,6 +16,7 @@ hand (``segment`` / ``preprocess`` with a case id).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from ..workspace import check_case_id, replace_dir, write_parquet_atomic
 from .exclusion import CaseExcluded, read_exclusion, write_exclusion
 from .preprocess import preprocess_case
 from .segment import segment_case
+from .segmentation import shard_session
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,18 @@ def run_shard(stage: str, manifest, shard: int, shard_size: int, settings: dict,
     cfg = _segment_settings(settings) if stage == SEGMENT else settings["preprocess"]
     rows = []
     start = time.perf_counter()
+    # segment: a backend that runs a model (totalsegmentator) loads it once for the whole shard
+    with shard_session(cfg) if stage == SEGMENT else contextlib.nullcontext():
+        _run_cases(stage, cases, shard, cfg, settings, out_root, segment_root, rows)
+    table = pl.DataFrame(rows, schema=SHARD_SCHEMA)
+    write_parquet_atomic(table, table_out)
+    counts = dict(table.group_by("status").len().iter_rows())
+    log.info("%s shard %d: %d cases in %.1f s (%s)", stage, shard, len(cases), time.perf_counter() - start, counts)
+    return table
+
+
+def _run_cases(stage: str, cases: list[dict], shard: int, cfg: dict, settings: dict, out_root, segment_root,
+               rows: list) -> None:
     for i, case in enumerate(cases, 1):
         case_id, tick = case["case_id"], time.perf_counter()
         check_case_id(case_id)
@@ -179,8 +193,3 @@ def run_shard(stage: str, manifest, shard: int, shard_size: int, settings: dict,
                      "seconds": round(time.perf_counter() - tick, 3)})
         log.info("%s shard %d: case %d of %d (%s) %s in %.2f s", stage, shard, i, len(cases), case_id, status,
                  rows[-1]["seconds"])
-    table = pl.DataFrame(rows, schema=SHARD_SCHEMA)
-    write_parquet_atomic(table, table_out)
-    counts = dict(table.group_by("status").len().iter_rows())
-    log.info("%s shard %d: %d cases in %.1f s (%s)", stage, shard, len(cases), time.perf_counter() - start, counts)
-    return table
