@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # report texts, papers and catalogs are UTF-8 whatever the locale of the machine
 export PYTHONUTF8 := 1
 
-.PHONY: install install-test demo ablation demo-full lesions test lint clean
+.PHONY: install install-test demo ablation demo-full lesions example test lint clean
 
 $(BIN)/ctvlp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,16 @@ lesions: install
 	$(BIN)/snakemake all --cores $(CORES) --configfile config.lesions.yaml
 	$(BIN)/snakemake --cores $(CORES) --configfile config.lesions.yaml --report results_lesions/report.html
 
+# the demo cohort written out as your own data would be: example/cases.csv (images, masks, reports, 0/1
+# labels) and example/config.yaml (cohort.source: table), then the whole workflow on it through the table
+# path into results_example/. Copy the table's format and the config for your data.
+example/config.yaml: | $(BIN)/ctvlp
+	$(BIN)/ctvlp example example --results results_example --threads 2
+
+example: install example/config.yaml
+	$(BIN)/snakemake --cores $(CORES) --configfile example/config.yaml
+	$(BIN)/snakemake --cores $(CORES) --configfile example/config.yaml --report results_example/report.html
+
 test: install-test
 	$(BIN)/python -m pytest -q
 
@@ -77,4 +87,4 @@ lint: install
 	$(BIN)/snakemake --lint
 
 clean:
-	rm -rf results results_ablation results_lesions .snakemake
+	rm -rf results results_ablation results_lesions results_example example .snakemake

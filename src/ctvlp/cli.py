@@ -54,6 +54,15 @@ def cmd_cohort(args):
     build_cohort(_settings(args), args.out, threads=args.threads or 1)
 
 
+def cmd_example(args):
+    from .cohort.example import write_example
+
+    paths = write_example(args.out, n_cases=args.n_cases, seed=args.seed, results=args.results,
+                          workers=args.threads or 1)
+    print(f"wrote {paths['table']} (the cases), {paths['images']}/, {paths['masks']}/ and {paths['config']};\n"
+          f"run it: snakemake --cores all --configfile {paths['config']}")
+
+
 def _one_case_or_shard(args) -> bool:
     """True for a shard run (--shard, --shard-size, --out-root, --table), False for one case
     (--case, --out-dir); anything else is a usage error."""
@@ -193,6 +202,13 @@ def _parser() -> argparse.ArgumentParser:
     add("validate-config", cmd_validate_config, "validate a config and print it with defaults")
     p = add("cohort", cmd_cohort, "write the cohort manifest from the configured source (demo, ctrate, table)")
     p.add_argument("--out", required=True, help="output folder (manifest.parquet, ground_truth.parquet, ...)")
+    p = add("example", cmd_example, "write the demo cohort as a plain table (CSV, NIfTI images and masks, "
+            "reports, labels) plus a config for cohort.source: table, to copy for your own data")
+    p.add_argument("out", help="a new or empty folder (or one `ctvlp example` wrote before)")
+    p.add_argument("--n-cases", type=int, default=160, help="synthetic cases (default 160, as the demo)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0, as the demo)")
+    p.add_argument("--results", default=None, help="results folder the config names (default OUT/results)")
+
     def per_case(p, folder_help):
         p.add_argument("--case", default=None, help="one case (with --out-dir)")
         p.add_argument("--out-dir", default=None, help=f"the case's folder: {folder_help}, or excluded.json with the reason")
