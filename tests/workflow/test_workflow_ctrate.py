@@ -89,11 +89,11 @@ def test_evaluation_tables_on_the_test_split(run):
     # the fixture's test split holds lung-nodule positives and negatives: an AUC is computed
     nodule = table.filter(pl.col("disease_id") == "lung_nodule").row(0, named=True)
     assert 0.0 <= nodule["auc"] <= 1.0
-    assert re.search(r"\|\s*Lung nodule\s*\|", (r / "eval/zeroshot.md").read_text(encoding="utf-8"), re.I)
+    assert re.search(r"\|\s*Lung nodule\s*\|", (r / "eval/zeroshot.md").read_text(encoding="utf-8"), re.IGNORECASE)
 
 
 def test_readme_shows_the_tested_config():
     """The README's CT-RATE example is this file, word for word."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL)
     assert CONFIG.read_text(encoding="utf-8") in blocks
