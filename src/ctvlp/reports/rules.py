@@ -12,8 +12,10 @@ The rules backend is deterministic, offline and pure Python:
    "e.g.", "No. 4", "etc." before a lower-case word), so decimals ("2.5 cm") and dates
    ("03.02.2020") survive; a sentence that does not name an anatomy and opens with a pronoun ("It
    is wider than normal.") is filed under the anatomies of the sentence before it.
-2. Clauses: commas, semicolons, colons, parentheses and contrastive conjunctions ("but", "however",
-   "although", "whereas", "while", "except", "apart from").
+2. Clauses: commas, semicolons, colons, parentheses, contrastive conjunctions ("but", "however",
+   "although", "whereas", "while", "except", "apart from") and an "and" between two parts that each
+   have a verb ("the liver contains a cyst | and the spleen is normal"; not "cysts in the liver and
+   kidneys are seen").
 3. Anatomies: the anatomy synonyms of anatomies.yaml, longest phrase first, case-insensitive, on
    word boundaries, hyphens read as spaces. A *weak* synonym (a generic word such as "segment",
    "lobe", "parenchyma", a "... segment" name, or a phrase shared by several anatomies such as
@@ -29,11 +31,17 @@ The rules backend is deterministic, offline and pure Python:
    another organ and is dropped ("nodule" in the adrenal gland is no lung nodule); a mention with a
    required ``[context]`` names its site itself. Diseases whose organ is not an anatomy (CT-RATE's
    medical material and lymph nodes) count wherever they are mentioned.
+0. Letters. Matching reads the text lower-cased, with Cyrillic and Greek look-alikes of Latin
+   letters ("с", "о", "а", "ρ", "ο", ...) read as Latin in any word that also has a Latin letter or
+   is made of look-alikes only (``lexicon.unconfuse``, an explicit table; "сyst" is "cyst"), after
+   ``clean_text``'s NFKC. Words of another script ("печень") stay, so such a report is not English.
 5. Negation (NegEx-style). Pre-triggers ("no", "not", "without", "negative for", "free of",
    "absence of", "no evidence of", "no sign(s) of", "neither/nor", ...) open a scope (the trigger
    included: "no pathological ...") that runs to the end of the sentence, a terminator ("but",
    "however", "although", "though", "whereas", "while", "except", "apart from", "there is", ";",
-   ":") or the end of a predicate ("No nodule was detected, ..." stops after "detected").
+   ":", a conjunction that starts a new finding: "and" or a comma before "contains", "shows",
+   "has", "with", "demonstrates", "reveals", ...: "... is not enlarged and contains a cyst", ", with
+   a nodule") or the end of a predicate ("No nodule was detected, ..." stops after "detected").
    Post-triggers ("was not observed", "were not detected", "is absent", "ruled out", "resolved",
    "no longer seen", ...) reach back to the previous terminator or positive predicate ("... are
    seen,"). "X is normal" / "within normal limits" denies what precedes it back to the previous
@@ -51,13 +59,39 @@ The rules backend is deterministic, offline and pure Python:
 7. Findings per anatomy: every catalog disease of that anatomy the report mentions, with presence
    "present" > "uncertain" > "absent" aggregated over sentences (a finding mentioned in the findings
    and denied in a comparison sentence is present).
-8. Status: "abnormal" when a finding of the anatomy is present or uncertain, or when a clause
-   locating the anatomy has a generic abnormality term that is not negated (lesion, mass, nodule,
-   enlarged, dilated, thickening, calcification, opacity, effusion, fluid, cyst, stone, hernia,
-   fracture, degenerative, atrophy, operated, ...); "normal" when it is mentioned and nothing is
-   abnormal (the normal cues "normal", "unremarkable", "natural", "within normal limits", "clear",
-   "preserved", "patent", "open" add nothing to that rule and are listed in ``NORMAL_CUES`` for
-   reference); "not_mentioned" otherwise.
+8. Status: abnormal unless stated normal. An anatomy is "abnormal" when
+   a. a catalog finding of it is present or uncertain (step 7); or
+   b. a clause locating it has a generic abnormality term that is not negated (lesion, mass, nodule,
+      enlarged, dilated, thickening, calcification, opacity, effusion, fluid, cyst, stone, hernia,
+      fracture, degenerative, atrophy, operated, ...); or
+   c. a clause locating it (as in step 4) denies a normal cue ("not normal", "is not within normal
+      limits", "not entirely preserved"); or
+   d. a clause locating it has a word that is none of: neutral (``lexicon.NEUTRAL_WORDS``: function
+      words; attributes such as size, contour, calibre, density; sides, places and body regions
+      that are not anatomies; measurements and units; technique, comparison and report wording such
+      as "examination", "study area", "evaluated", "as far as", "within the limits of non-contrast
+      CT", "compared", "recommended"; neutral verbs such as "observed", "contains", "measures";
+      qualifiers such as "mild", "multiple"; words of one or two letters; tokens with digits),
+      an anatomy synonym word (other than "small" and "large"), a catalog disease or generic term
+      (those decide by a. and b.), a negation/uncertainty trigger or pseudo-trigger, inside a
+      negation scope, or covered by a normal statement. A *normal statement* is a normal cue
+      (``lexicon.NORMAL_CUE_WORDS``: "normal", "unremarkable", "natural", "usual", "within normal
+      limits", "patent", "open", "clear", "preserved", "intact", "homogeneous", "symmetric",
+      "smooth", "physiological", "in the midline", "well distended", ...); it covers its segment
+      of the sentence (segments end at , ; : ( ), "and", "with", "but", "also", "which", "there
+      is" and verbs that bring a finding: "contains", "shows", "has", "demonstrates") and, unless
+      "otherwise" precedes it, the verbless segments joined to it by "and" before it ("hilar
+      structures and the mediastinum are normal"). Such a word is an unexplained finding: "The
+      liver contains a 3 cm hemangioma." is abnormal with no catalog finding, and its sentence is
+      the liver's text. A *negated* statement ("No focal lesion.", "A mass was not observed in the
+      spleen.", "No pathological finding in the kidneys.") is normal; a *neutral* sentence
+      ("The liver was evaluated.", "The study area includes the upper abdomen.", "The spleen
+      measures 11 cm.") has only neutral words and leaves the anatomy as its other sentences say.
+   "normal" when the anatomy is mentioned and nothing above makes it abnormal (a report that only
+   mentions an anatomy in neutral sentences calls it normal, as before); "not_mentioned" otherwise.
+   Known limits: a bare measurement ("the pulmonary artery is 35 mm") is neutral, the parser does
+   not judge numbers; an unknown word that is not a finding ("a webbed ...", a typo, an anatomy
+   word not in the lists) makes the anatomy abnormal, the safe side for normal-only training.
 
 Errors (the ``error`` column; all anatomies are then "not_mentioned"): "empty report", "report does
 not look like English" (too few English words; a German or Turkish report is not silently turned
@@ -81,8 +115,12 @@ from .lexicon import (
     ENGLISH_MIN_TOKENS,
     ENGLISH_TOKEN,
     ENGLISH_WORDS,
+    NORMAL_CUE,
+    NOT_NORMAL,
     NSTOP,
     QSTOP,
+    SEGMENT_STOP,
+    SEGMENT_VERB,
     STOPS,
     TRIGGERS,
     Lexicon,
@@ -101,7 +139,7 @@ from .schema import (
 
 BACKEND = "rules"
 MODEL = "rules"
-PARSER_VERSION = "rules-1"
+PARSER_VERSION = "rules-2"  # rules-2: abnormal unless stated normal
 
 
 # ----------------------------------------------------------------------------- sentences
@@ -152,14 +190,32 @@ _CLAUSE_SPLIT = re.compile(
 )
 
 
+_AND = re.compile(r"(?<!\w)and(?!\w)")
+
+
+def _split_and(sent: str, a: int, b: int) -> list[tuple[int, int]]:
+    """Split ``sent[a:b]`` at an "and" that joins two clauses, each with its own verb ("the liver
+    contains a cyst and the spleen is normal"), not at one that joins two nouns ("cysts in the liver
+    and kidneys are seen")."""
+    cuts = [m for m in _AND.finditer(sent, a, b)]
+    out, pos = [], a
+    for k, m in enumerate(cuts):
+        nxt = cuts[k + 1].start() if k + 1 < len(cuts) else b
+        if SEGMENT_VERB.search(sent, pos, m.start()) and SEGMENT_VERB.search(sent, m.end(), nxt):
+            out.append((pos, m.start()))
+            pos = m.end()
+    out.append((pos, b))
+    return out
+
+
 def _clauses(sent: str) -> list[tuple[int, int]]:
     spans, pos = [], 0
     for m in _CLAUSE_SPLIT.finditer(sent):
         if m.start() > pos:
-            spans.append((pos, m.start()))
+            spans.extend(_split_and(sent, pos, m.start()))
         pos = m.end()
     if pos < len(sent):
-        spans.append((pos, len(sent)))
+        spans.extend(_split_and(sent, pos, len(sent)))
     return spans or [(0, len(sent))]
 
 
@@ -204,6 +260,50 @@ def _scopes(s: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     return neg, unc
 
 
+def _normal_cover(s: str) -> list[tuple[int, int]]:
+    """Character ranges of a normalised sentence that a normal statement covers (module doc, 8)."""
+    cues = [m for m in NORMAL_CUE.finditer(s)]
+    if not cues:
+        return []
+    denied = [m.span() for m in NOT_NORMAL.finditer(s)]
+    # segments: (start, end, what ends the segment before: "" at the start, "and", "punct" or "word",
+    # a conjunction or a verb that brings a finding)
+    segs: list[tuple[int, int, str]] = []
+    pos, kind = 0, ""
+    for m in SEGMENT_STOP.finditer(s):
+        segs.append((pos, m.start(), kind))
+        pos = m.end()
+        kind = "and" if m.group("and") else "word" if m.group(0)[0].isalpha() else "punct"
+    segs.append((pos, len(s), kind))
+    out: list[tuple[int, int]] = []
+    for c in cues:
+        if _overlaps(denied, c.start(), c.end()):
+            continue
+        i = next(k for k, (a, b, _) in enumerate(segs) if c.start() < b or k == len(segs) - 1)
+        out.append(segs[i][:2])
+        if _OTHERWISE.search(s, segs[i][0], c.start()):
+            continue  # "... and otherwise normal": what came before is not normal
+        # a subject joined by "and": "hilar structures and the mediastinum are normal", but not the
+        # object of a verb: "the liver contains a hemangioma and the spleen is normal"
+        while segs[i][2] == "and" and i > 0:
+            a, b, before = segs[i - 1]
+            if before == "word" or SEGMENT_VERB.search(s, a, b):
+                break
+            i -= 1
+            out.append((a, b))
+    return out
+
+
+_OTHERWISE = re.compile(r"(?<!\w)otherwise(?!\w)")
+_WORD = re.compile(r"(?<!\w)[^\W\d_]+(?!\w)")
+
+
+def _neutral(word: str, neutral: frozenset[str]) -> bool:
+    if len(word) <= 2 or word in neutral:
+        return True
+    return any(word.endswith(suf) and word[: -len(suf)] in neutral for suf in ("s", "es"))
+
+
 def _overlaps(spans: list[tuple[int, int]], a: int, b: int) -> bool:
     return any(a < e and b > s for s, e in spans)
 
@@ -213,8 +313,9 @@ class _Sentence:
     text: str
     anatomies: set[str] = field(default_factory=set)  # named + via diseases
     findings: dict[str, str] = field(default_factory=dict)  # disease_id -> presence
-    abnormal: set[str] = field(default_factory=set)  # anatomies with a generic abnormal term
+    abnormal: set[str] = field(default_factory=set)  # anatomies with a generic term or an unexplained word
     named: set[str] = field(default_factory=set)  # anatomies named by anatomy synonyms
+    unexplained: list[str] = field(default_factory=list)  # words that are no normal statement (module doc, 8)
 
 
 def _presence(neg, unc, a: int, b: int) -> str:
@@ -244,7 +345,9 @@ def _analyse(sentence: str, lex: Lexicon, previous: set[str] | frozenset[str] = 
                 return i
         return len(clauses) - 1
 
+    explained: list[tuple[int, int]] = []  # words that say what they mean: anatomy, finding, trigger
     for m in lex.anatomy_re.finditer(s):
+        explained.append(m.span())
         key = " ".join(m.group(0).split())
         if key not in lex.phrase_anatomies:
             key = next((k for k in singulars(key) if k in lex.phrase_anatomies), "")
@@ -278,6 +381,7 @@ def _analyse(sentence: str, lex: Lexicon, previous: set[str] | frozenset[str] = 
                 spans.extend((m.start(), m.end(), required) for m in head.finditer(s))
         if not spans:
             continue
+        explained.extend(t[:2] for t in spans)
         if dp.exclude is not None:
             ex = [(m.start(), m.end()) for m in dp.exclude.finditer(s)]
             spans = [t for t in spans if not any(ea <= t[0] and t[1] <= eb for ea, eb in ex)]
@@ -295,17 +399,35 @@ def _analyse(sentence: str, lex: Lexicon, previous: set[str] | frozenset[str] = 
         dp.disease.anatomy for dp in lex.diseases if dp.disease.id in out.findings
     }
     normal_spans = [(m.start(), m.end()) for m in lex.generic_exceptions.finditer(s)]
+    explained.extend(normal_spans)
     for m in lex.generic_re.finditer(s):
+        explained.append(m.span())
         if _overlaps(neg, m.start(), m.end()) or _overlaps(normal_spans, m.start(), m.end()):
             continue
         # a generic word inside a disease mention ("fatty infiltration") belongs to that disease
         own = {an for a, b, an in mentions if a < m.end() and m.start() < b}
         out.abnormal.update(own or locate(m.start()) or disease_anatomies)
+    # abnormal unless stated normal: a negated normal cue, or a word that is neither neutral, nor
+    # covered by a normal statement or a negation, nor explained above
+    for m in NOT_NORMAL.finditer(s):
+        explained.append(m.span())
+        out.abnormal.update(locate(m.start()))
+        out.unexplained.append(m.group(0))
+    explained.extend(m.span() for m in TRIGGERS.finditer(s))
+    explained.extend(neg)
+    explained.extend(_normal_cover(s))
+    for m in _WORD.finditer(s):
+        if _neutral(m.group(0), lex.neutral) or _overlaps(explained, m.start(), m.end()):
+            continue
+        where = locate(m.start())
+        if where:
+            out.abnormal.update(where)
+            out.unexplained.append(m.group(0))
     return out
 
 
 def _is_english(text: str, lex: Lexicon) -> bool:
-    toks = ENGLISH_TOKEN.findall(text.lower())
+    toks = ENGLISH_TOKEN.findall(norm(text))
     if len(toks) < ENGLISH_MIN_TOKENS:
         return True
     known = sum(t in ENGLISH_WORDS or t in lex.vocab or t.startswith(lex.stems) for t in toks)
@@ -365,7 +487,7 @@ def parse_report(text: str | None, diseases: Sequence[Disease]) -> list[dict]:
         if d.id in best:
             findings.setdefault(d.anatomy, []).append({"disease_id": d.id, "presence": best[d.id]})
     status = {}
-    for a, sents in by_anatomy.items():
+    for a in by_anatomy:
         bad = a in abnormal or any(f["presence"] != "absent" for f in findings.get(a, []))
         status[a] = "abnormal" if bad else "normal"
     texts = {a: " ".join(s) for a, s in by_anatomy.items()}
