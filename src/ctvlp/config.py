@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,143 @@ import yaml
 SCHEMA = "config.schema.yaml"  # package data
 # keys whose values are never shown in an error message: a user may have pasted a secret there
 SECRET_KEYS = {("reports", "llm", "api_key_env")}
+
+# ---- secrets ----------------------------------------------------------------------------------
+# A config holds no secret: the LLM key comes from the environment variable that
+# reports.llm.api_key_env names, and credentials in reports.llm.base_url are references to
+# environment variables (https://${USER_VAR}:${PASSWORD_VAR}@host/v1), expanded only by the client.
+# Values that look like a secret are refused without being shown; URLs are shown redacted.
+
+URL_KEYS = {("reports", "llm", "base_url")}  # URLs shown (errors) and written (snapshot) redacted
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
+# known token shapes: the vendor prefix, then a long random part
+_TOKEN = re.compile(
+    r"(?:sk|rk|pk|hf|ghp|gho|ghu|ghs|ghr|ghx|glpat|npm|pypi|xox[a-z]?|dapi|shpat|sq0atp)[-_](?=[A-Za-z0-9_-]{16,}$)"
+    r"(?=.*(?:\d|[a-z].*[A-Z]|[A-Z].*[a-z]))"
+    r"|github_pat_|(?:AKIA|ASIA)[0-9A-Z]{16}$|AIza[0-9A-Za-z_-]{30,}|eyJ[A-Za-z0-9_-]{10,}"
+)
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/?#\s]*)@")  # up to the authority's last @
+REDACTED = "***"
+
+
+def _entropy(text: str) -> float:
+    from collections import Counter
+    from math import log2
+
+    return -sum(n / len(text) * log2(n / len(text)) for n in Counter(text).values()) if text else 0.0
+
+
+def looks_like_token(value: str) -> bool:
+    """Whether ``value`` is shaped like an API key or access token rather than a name: a known
+    vendor prefix (sk-, hf_, ghp_, github_pat_, xox, AKIA, ...) before a long random part, or a
+    long high-entropy run of letters and digits."""
+    if _TOKEN.match(value):
+        return True
+    for chunk in re.split(r"[_\-.]", value):
+        if (len(chunk) >= 20 and re.search(r"\d", chunk) and re.search(r"[A-Za-z]", chunk)
+                and _entropy(chunk) >= 3.2):
+            return True
+    return False
+
+
+def env_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be the NAME of an environment variable holding a secret (None: it can).
+    The reason never contains ``name``: it may be the secret itself."""
+    if not ENV_NAME.fullmatch(name):
+        return ("must be the NAME of an environment variable (letters, digits and '_', not starting with a digit, "
+                "at most 64 characters)")
+    if looks_like_token(name):
+        return ("looks like an API key or token, not the NAME of an environment variable: put the key in an "
+                "environment variable (export OPENAI_API_KEY=...) and write that variable's name here")
+    return None
+
+
+def split_userinfo(url: str) -> tuple[str, str, str]:
+    """(scheme://, userinfo, the rest) of ``url``; userinfo is "" when there is none."""
+    match = re.match(r"(?i)([a-z][a-z0-9+.-]*://)([^/?#]*)(.*)", url, re.DOTALL)
+    if not match:
+        return "", "", url
+    scheme, netloc, rest = match.groups()
+    userinfo, at, host = netloc.rpartition("@")
+    return (scheme, userinfo, host + rest) if at else (scheme, "", netloc + rest)
+
+
+def _redact_userinfo(userinfo: str) -> str:
+    return ":".join(part if ENV_REF.fullmatch(part) or not part else REDACTED for part in userinfo.split(":", 1))
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to show or write: literal credentials (user:password@) and the query string
+    replaced by ``***``; references to environment variables (${NAME}) kept."""
+    scheme, userinfo, rest = split_userinfo(url)
+    if not scheme:
+        return REDACTED if looks_like_token(url) else url
+    host_path, query, _ = rest.partition("?")
+    out = scheme + (_redact_userinfo(userinfo) + "@" if userinfo else "") + host_path.partition("#")[0]
+    return out + (f"?{REDACTED}" if query else "")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the literal credentials of every URL in it replaced by ``***``."""
+    return _URL_USERINFO.sub(lambda m: m.group(1) + _redact_userinfo(m.group(2)) + "@", text)
+
+
+def url_credentials_problem(url: str) -> str | None:
+    """Why ``url`` (an endpoint) holds a secret a config must not hold (None: it holds none):
+    a literal password, a literal user name without a password (a token), or a query string."""
+    _, userinfo, rest = split_userinfo(url)
+    fix = (" Put each credential in an environment variable and name it in the URL: "
+           "https://${LLM_USER}:${LLM_PASSWORD}@host/v1 (the client expands them; the config, its snapshot and "
+           "the logs keep the names)")
+    if userinfo:
+        user, colon, password = userinfo.partition(":")
+        if colon and password and not ENV_REF.fullmatch(password):
+            return "holds a literal password, which would be copied into the run's config snapshot and logs." + fix
+        if not colon and user and not ENV_REF.fullmatch(user):
+            return "holds a literal credential before '@' (a user name or token)." + fix
+        if user and colon and not password and not ENV_REF.fullmatch(user):
+            return "holds a literal credential before '@' (a user name or token)." + fix
+    if "?" in rest or "#" in rest:
+        return ("holds a query string or fragment, which OpenAI clients do not send with a base URL (and which may "
+                "hold a key): give the API key through the variable named by reports.llm.api_key_env")
+    return None
+
+
+def _secret_errors(config: dict) -> list[str]:
+    """Secrets pasted where a config expects a name or a URL, refused without showing them."""
+    reports = config.get("reports") if isinstance(config, dict) else None
+    llm = reports.get("llm") if isinstance(reports, dict) else None
+    if not isinstance(llm, dict):
+        return []
+    errors = []
+    name = llm.get("api_key_env")
+    if isinstance(name, str) and ENV_NAME.fullmatch(name) and looks_like_token(name):
+        errors.append(f"config key 'reports.llm.api_key_env': {env_name_problem(name)} (the value given is not shown, "
+                      "in case it is the secret itself)")
+    url = llm.get("base_url")
+    problem = url_credentials_problem(url) if isinstance(url, str) else None
+    if problem:
+        errors.append(f"config key 'reports.llm.base_url' ({redact_url(url)}): {problem}")
+    return errors
+
+
+def redact_config(config: dict) -> dict:
+    """A copy of ``config`` fit to write: secret-looking names replaced by ``***``, URLs redacted
+    (``redact_url``). A validated config holds neither; this is the last guard of ``snapshot``."""
+    out = copy.deepcopy(config)
+    for keys in SECRET_KEYS | URL_KEYS:
+        node = out
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        value = node.get(keys[-1]) if isinstance(node, dict) else None
+        if not isinstance(value, str):
+            continue
+        if keys in URL_KEYS:
+            node[keys[-1]] = redact_url(value)
+        elif env_name_problem(value):
+            node[keys[-1]] = REDACTED
+    return out
 
 
 class ConfigError(ValueError):
@@ -60,7 +198,7 @@ def _message(error: jsonschema.ValidationError) -> str:
     if tuple(error.absolute_path) in SECRET_KEYS:
         return (f"config key '{where}': must be the NAME of an environment variable (letters, digits and "
                 "'_', not starting with a digit); the value given is not shown, in case it is the secret itself")
-    return f"config key '{where}': {error.message}"
+    return redact_text(f"config key '{where}': {error.message}")
 
 
 def _semantic_errors(config: dict) -> list[str]:
@@ -107,7 +245,7 @@ def validate(config: dict | None, schema: dict | None = None) -> dict:
     errors = sorted(
         jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path)
     )
-    lines = [_message(e) for e in errors] or _semantic_errors(config)
+    lines = [_message(e) for e in errors] + _secret_errors(config) or _semantic_errors(config)
     if lines:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     return config
@@ -191,12 +329,13 @@ def digest(values) -> str:
 
 def snapshot(config: dict, folder: str | Path) -> Path:
     """Write the validated ``config`` as ``folder/<digest>.json`` (once; same content, same
-    name) and return the path. Stages read their sections from it."""
+    name) and return the path. Stages read their sections from it. Written redacted
+    (``redact_config``): a validated config holds no secret, and an unvalidated one leaks none."""
     folder = Path(folder)
     path = folder / f"{digest(config)[:16]}.json"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
+        tmp.write_text(json.dumps(redact_config(config), indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, path)
     return path

@@ -9,6 +9,7 @@ concurrency, retries, failure handling), not accuracy. Every report here is writ
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -177,6 +178,15 @@ def test_config_errors():
     with pytest.raises(config.ConfigError, match="NAME of an environment variable") as ei:
         llm_parser.resolve_config({"model": "m", "api_key_env": "sk-123 secret"})
     assert "sk-123" not in str(ei.value)  # a key pasted there is not echoed
+    token = "hf_" + "AbCdEf0123456789GhIjKl4567MnOpQr89"  # shaped like a variable name, but a token
+    with pytest.raises(config.ConfigError, match=r"reports\.llm\.api_key_env.*looks like an API key") as ei:
+        llm_parser.resolve_config({"model": "m", "api_key_env": token})
+    assert token not in str(ei.value) and token[3:] not in str(ei.value)
+    with pytest.raises(config.ConfigError, match=r"reports\.llm\.base_url.*literal password") as ei:
+        llm_parser.resolve_config({"model": "m", "base_url": "https://bob:hunter2-pw@host/v1"})
+    assert "hunter2-pw" not in str(ei.value) and "https://***:***@host/v1" in str(ei.value)
+    with pytest.raises(config.ConfigError, match=r"reports\.llm\.base_url.*with a host"):
+        llm_parser.resolve_config({"model": "m", "base_url": "http://"})
     with pytest.raises(config.ConfigError, match=r"reports\.llm\.base_url.*http\(s\) URL"):
         llm_parser.resolve_config({"model": "m", "base_url": "ftp://host/v1"})
     with pytest.raises(config.ConfigError, match=r"reports\.llm\.concurrency"):
@@ -311,7 +321,9 @@ def test_answers_reach_parquet_with_report_schema(server, tmp_path, monkeypatch,
     # grammar-constrained answers validate: at least one case is parsed, with a mentioned anatomy
     parsed = back.filter(pl.col("status").is_in(["normal", "abnormal"]))
     assert parsed.height >= 1, back.filter(pl.col("anatomy") == "liver").to_dicts()
-    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+    # only validated answers are cached: one file per parsed case
+    n_parsed = back.group_by("case_id").agg((pl.col("status") != "unparsed").all())["status"].sum()
+    assert len(list((tmp_path / "cache").glob("*.json"))) == n_parsed
     # the key is nowhere: not in config, cache files, the Parquet or the logs
     assert secret not in json.dumps(cfg) and secret not in caplog.text
     for f in [out, *(tmp_path / "cache").glob("*.json")]:
@@ -331,7 +343,7 @@ def test_concurrency_then_cached_rerun_sends_nothing(server, tmp_path):
     # three requests were in flight at once: measured by the client and seen in the request spans
     assert stats.max_in_flight == 3
     spans = sorted(stats.request_spans)
-    overlaps = sum(1 for (s0, e0), (s1, _) in zip(spans, spans[1:]) if s1 < e0)
+    overlaps = sum(1 for (s0, e0), (s1, _) in itertools.pairwise(spans) if s1 < e0)
     assert overlaps >= 2
     assert sum(e - s for s, e in spans) > wall  # latencies add up to more than the wall time
     # the server answered every request the client counted
@@ -389,8 +401,9 @@ def test_server_killed_midrun_then_rerun_resumes(tmp_path):
 
 
 @needs_server
-def test_truncated_answers_end_unparsed_with_reason_and_are_cached(server, tmp_path):
-    cfg = cfg_for(server, tmp_path / "cache", max_tokens=16)  # the schema's minimum
+def test_truncated_answers_end_unparsed_with_reason_and_are_not_cached(server, tmp_path):
+    # max_tokens=16 (the schema's minimum): every answer is cut off; max_unparsed_in_row=0 lets the run end
+    cfg = cfg_for(server, tmp_path / "cache", max_tokens=16, max_unparsed_in_row=0)
     stats = llm.LLMStats()
     df = llm.parse_reports(cases_of(REPORTS[:2]), cfg, stats=stats)
     check_frame(df, 2)
@@ -399,15 +412,16 @@ def test_truncated_answers_end_unparsed_with_reason_and_are_cached(server, tmp_p
     assert err.startswith("invalid answer: answer truncated") and "after repair" in err
     assert stats.repairs == 2 and stats.unparsed == 2
     assert stats.requests - stats.format_probes == 4  # one answer + one repair per report
-    entry = json.loads(next((tmp_path / "cache").glob("*.json")).read_text(encoding="utf-8"))
-    assert entry["outcome"] == "unparsed" and len(entry["raw"]) == 2
+    assert not list((tmp_path / "cache").glob("*.json"))  # only validated answers are cached
 
-    stats2 = llm.LLMStats()  # cached outcome: no request
+    stats2 = llm.LLMStats()  # nothing cached: a re-run sends them again
     llm.parse_reports(cases_of(REPORTS[:2]), cfg, stats=stats2)
-    assert stats2.requests == 0 and stats2.unparsed == 2
-    stats3 = llm.LLMStats()  # retry_unparsed re-sends them
-    llm.parse_reports(cases_of(REPORTS[:2]), {**cfg, "retry_unparsed": True}, stats=stats3)
-    assert stats3.reports_requested == 2 and stats3.requests - stats3.format_probes == 4
+    assert stats2.reports_requested == 2 and stats2.cache_hits == 0 and stats2.unparsed == 2
+    # with the default check, a run whose every report ends unparsed stops, naming the URL and the reason
+    stats3 = llm.LLMStats()
+    with pytest.raises(llm.LLMSystematicError, match="all 2 reports sent ended unparsed") as ei:
+        llm.parse_reports(cases_of(REPORTS[:2]), {**cfg, "max_unparsed_in_row": 20}, stats=stats3)
+    assert server.base_url in str(ei.value) and "answer truncated" in str(ei.value)
 
 
 @needs_server
@@ -422,7 +436,8 @@ def test_bad_inputs_each_get_a_defined_result(server, tmp_path):
     }
     cases = pl.DataFrame({"case_id": list(texts), "report_text": list(texts.values())})
     stats = llm.LLMStats()
-    df = llm.parse_reports(cases, cfg_for(server, tmp_path / "cache"), stats=stats)
+    # max_unparsed_in_row=0: the tiny model may leave every sent report unparsed; the per-report results are tested
+    df = llm.parse_reports(cases, cfg_for(server, tmp_path / "cache", max_unparsed_in_row=0), stats=stats)
     check_frame(df, len(texts))
     by = {c: g for (c,), g in df.group_by("case_id")}
     assert set(by["empty"]["error"]) == {ERR_EMPTY} and set(by["empty"]["status"]) == {"not_mentioned"}
@@ -449,7 +464,7 @@ def test_bad_inputs_each_get_a_defined_result(server, tmp_path):
 @needs_server
 def test_json_mode_without_schema_gives_defined_results(server, tmp_path):
     # no grammar: the tiny model's JSON may be wrong; each case is parsed or unparsed with a reason
-    cfg = cfg_for(server, tmp_path / "cache", response_format="json_object", max_tokens=96)
+    cfg = cfg_for(server, tmp_path / "cache", response_format="json_object", max_tokens=96, max_unparsed_in_row=0)
     stats = llm.LLMStats()
     df = llm.parse_reports(cases_of(REPORTS[:1]), cfg, stats=stats)
     check_frame(df, 1)

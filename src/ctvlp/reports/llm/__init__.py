@@ -19,12 +19,15 @@ means the schema's default) and adds what the schema cannot say: ``model`` is re
   model          served model name (sent with every request and written to the `model` column)
   api_key_env    NAME of the environment variable holding the API key. The key itself never
                  appears in config, logs, outputs or exceptions; an unset/empty variable (a local
-                 server) sends the placeholder "not-needed".
+                 server) sends the placeholder "not-needed". A value shaped like a token (sk-,
+                 hf_, ghp_, github_pat_, xox, AKIA, long high-entropy) is refused by the config
+                 check, without being shown.
   concurrency    requests in flight (a thread pool)
   timeout_s      per-request timeout (seconds)
-  max_retries    retries of one request on timeouts, connection errors, 408/409/429 and 5xx, with
-                 exponential backoff (backoff_s * 2**attempt, capped at 30 s, times a 0.5-1.5
-                 jitter; a Retry-After header is honoured up to 60 s)
+  max_retries    retries of one request on timeouts, connection errors, 408/409/429, 5xx and 200
+                 answers that are not a chat completion, with exponential backoff (backoff_s *
+                 2**attempt, capped at 30 s, times a 0.5-1.5 jitter; a Retry-After header is
+                 honoured up to 60 s)
   backoff_s      first backoff delay
   cache_dir      on-disk answer cache (see below). No default here (the schema's is null):
                  ``parse_reports`` raises ValueError without it; the reports stage
@@ -33,7 +36,9 @@ means the schema's default) and adds what the schema cannot say: ``model`` is re
   temperature    sampling temperature (0: as deterministic as the server allows)
   max_tokens     completion token limit per request
   response_format  "auto" | "json_schema" | "json_object_schema" | "json_object" | "none"
-  retry_unparsed   re-send reports whose cached outcome is "unparsed"
+  retry_unparsed   no effect (kept for older configs): unparsed outcomes are never cached
+  max_unparsed_in_row  stop the run when this many reports in a row end unparsed, or when it ends
+                 with every report unparsed and none cached (0: never)
   prompt         prompt template name (package data ``ctvlp/prompts/<name>.yaml``), e.g. "report_v2"
 
 Prompt. ``prompts/report_v2.yaml`` (system + user + repair templates, and what each anatomy covers)
@@ -68,18 +73,30 @@ report gives all "not_mentioned" with error "empty report" without a request. Re
 the rules backend reads them (``schema.clean_text``). A non-English report is sent like any other
 (the prompt asks to parse it in its language; unlike the rules backend, which refuses it).
 
-Cache. One JSON file per answer under ``cache_dir``, named by sha256 of (prompt version, a digest
-of the prompt file, model, a digest of the disease catalog, report text); ``entry_key`` computes it.
-Each file is written atomically (temp file + ``os.replace``) as soon as its report is done, so a
-re-run sends no request for finished reports and a run killed midway loses nothing it finished. The
-final outcome is cached, "unparsed" included (with its reason and the raw answers), so a re-run does
-not pay again for answers the model cannot get right; ``retry_unparsed=True`` re-sends those. What is
-NOT cached: transient failures (connection errors, timeouts, 429/5xx after all retries). When one
-happens the run stops submitting work, lets requests in flight finish (they are cached) and raises
-``LLMServerError``: a re-run resumes. Identical report texts are sent once.
+Cache. One JSON file per validated answer under ``cache_dir``, named by sha256 of (prompt version, a
+digest of the prompt file, model, a digest of the disease catalog, report text); ``entry_key``
+computes it. Each file is written atomically (temp file + ``os.replace``) as soon as its report is
+parsed, so a re-run sends no request for parsed reports and a run killed midway loses nothing it
+finished. Only validated answers are cached: a report that ended unparsed is sent again by a re-run,
+and a file that is not a usable answer (an "unparsed" entry of an older ctvlp, a wrong shape) is
+removed when read. Never cached either: transient failures (connection errors, timeouts, 429/5xx,
+200 answers that are not a chat completion, after all retries). When one happens the run stops
+submitting work, lets requests in flight finish (parsed ones are cached) and raises
+``LLMServerError`` naming the URL and the problem: a re-run resumes. Identical report texts are sent
+once.
 
-Errors. 401/403 (reachability check or any request) raise ``LLMAuthError`` naming the env var,
-not the key; the key is also scrubbed from every error message the client builds.
+Errors (all ``LLMError``; the reports stage turns them into a non-zero exit with the message).
+401/403 (reachability check or any request) raise ``LLMAuthError`` naming the env var, not the key.
+404/405/410 on a chat request raise ``LLMSystematicError`` at once (a wrong URL or model: every
+request would fail), as do ``max_unparsed_in_row`` unparsed reports in a row. A 200 whose body is
+not a chat completion (truncated JSON, an HTML page, a JSON error object, no choices, a non-JSON
+content type) is retried, then ``LLMServerError``.
+
+Secrets. The key, and credentials in ``base_url`` (only as ${NAME} references to environment
+variables; the config check refuses literal ones), are expanded by the client, sent as headers
+(the URL the HTTP stack sees and logs holds none), and redacted from every message built here, the
+cache entries and every log record (a filter on the root logger's handlers); messages show the URL
+redacted.
 
 Reachability. Before the first request ``client.models.list()`` (timeout min(10, timeout_s), no
 retries) must answer, else ``LLMUnreachableError`` naming the base URL. It is skipped when every
@@ -97,7 +114,7 @@ import polars as pl
 
 from .answer import validate_answer
 from .cache import entry_key
-from .client import LLMAuthError, LLMServerError, LLMUnreachableError
+from .client import LLMAuthError, LLMError, LLMServerError, LLMSystematicError, LLMUnreachableError
 from .parser import BACKEND, LLMReportParser, LLMStats
 from .prompt import PROMPT_VERSION, answer_schema, build_messages, load_prompt, report_fence
 
@@ -105,9 +122,11 @@ __all__ = [
     "BACKEND",
     "PROMPT_VERSION",
     "LLMAuthError",
+    "LLMError",
     "LLMReportParser",
     "LLMServerError",
     "LLMStats",
+    "LLMSystematicError",
     "LLMUnreachableError",
     "answer_schema",
     "build_messages",
@@ -127,7 +146,8 @@ def parse_reports(
     ``cfg``: see the module docstring (``cache_dir`` is required here). ``stats``: an ``LLMStats``
     to fill (requests, cache hits, retries, repairs, unparsed, tokens). ``progress``: a progress bar.
     Raises ``ConfigError`` for a bad config, ``LLMUnreachableError`` before any work when the server
-    does not answer, and ``LLMServerError`` when a request fails for a transient reason after all
-    retries (what finished is cached; a re-run resumes).
+    does not answer, ``LLMAuthError`` when it refuses the key, ``LLMServerError`` when a request
+    fails for a transient reason after all retries and ``LLMSystematicError`` when every request
+    would fail (what was parsed is cached; a re-run resumes).
     """
     return LLMReportParser(cfg, stats).parse(cases, progress=progress)

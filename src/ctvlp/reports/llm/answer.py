@@ -73,7 +73,7 @@ class _Answer(BaseModel):
 
 def _extract_json(content: str) -> Any:
     text = content.strip()
-    fence = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text, re.S)
+    fence = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text, re.DOTALL)
     if fence:
         text = fence.group(1)
     try:

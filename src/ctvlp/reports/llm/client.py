@@ -1,8 +1,23 @@
-"""Talking to the OpenAI-compatible server: the ``openai`` client (the API key is read only from
-the environment variable named by ``api_key_env``, never logged, and scrubbed from every message
-built here), the reachability check, one chat request with retries (exponential backoff with
-jitter, Retry-After honoured) and the ``response_format`` probing whose result is remembered per
-(base_url, model) for the rest of the process."""
+"""Talking to the OpenAI-compatible server: the ``openai`` client, the reachability check, one chat
+request with retries (exponential backoff with jitter, Retry-After honoured) and the
+``response_format`` probing whose result is remembered per (base_url, model) for the rest of the
+process.
+
+Secrets. The API key is read only from the environment variable named by ``api_key_env``;
+credentials in ``base_url`` are references to environment variables (``https://${USER}:${PASS}@
+host/v1``, ``ctvlp.config.url_credentials_problem``), expanded here and sent as HTTP basic auth
+(its Authorization header replaces the bearer key's, as it did when such a URL went to the HTTP
+stack), so the URL the HTTP stack sees and logs holds none. Every value read is registered with
+``redact``: removed from each message built here, and from every log record (a filter on the root
+logger's handlers). Messages show the configured URL redacted (``ctvlp.config.redact_url``).
+
+Responses. The body of a 200 answer is checked here (``parse_completion``), not by the SDK: a body
+that is not a chat completion (truncated or invalid JSON, an HTML page, a JSON error object, no
+choices, a non-JSON content type) is a transient failure, retried like a 5xx. A 404, 405 or 410
+means every request would fail (a wrong URL or model): ``LLMSystematicError`` at once.
+
+Retries are ours, not the SDK's (``max_retries=0`` there): the SDK does not retry a 200 whose body
+is not a completion, its backoff is not configurable, and ours are counted per run."""
 
 from __future__ import annotations
 
@@ -15,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ... import config as _config
 from .prompt import MODES, response_format_for
 
 log = logging.getLogger(__name__)
@@ -22,8 +38,11 @@ log = logging.getLogger(__name__)
 API_KEY_PLACEHOLDER = "not-needed"  # sent when the key's variable is unset or empty (a local server)
 ERR_UNREACHABLE = "LLM server unreachable"
 
-# statuses retried (besides timeouts, connection errors and any 5xx)
+# statuses retried (besides timeouts, connection errors, any 5xx and bodies that are not completions)
 RETRY_STATUS = frozenset({408, 409, 429})
+# statuses that no retry or other report can fix: the URL or the model is wrong (401/403: LLMAuthError)
+SYSTEMATIC_STATUS = frozenset({404, 405, 410})
+BODY_SNIPPET_CHARS = 120  # of a body that is not a completion, shown in the reason
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 60.0
 
@@ -38,21 +57,38 @@ _MODE_MEMO: dict[tuple[str, str], str] = {}
 _MODE_MEMO_LOCK = threading.Lock()
 
 
-class LLMUnreachableError(RuntimeError):
+class LLMError(RuntimeError):
+    """A run of the llm backend stopped; the message names the (redacted) URL and the reason."""
+
+
+class LLMUnreachableError(LLMError):
     """The endpoint did not answer the reachability check (raised before any work)."""
 
 
-class LLMServerError(RuntimeError):
+class LLMServerError(LLMError):
     """A request failed for a transient reason (after all retries); finished reports are cached."""
 
 
-class LLMAuthError(RuntimeError):
+class LLMAuthError(LLMError):
     """The endpoint rejected the API key (401/403)."""
 
 
+class LLMSystematicError(LLMError):
+    """Every request would fail: the endpoint answered 404/405/410, or too many reports in a row
+    ended unparsed (``max_unparsed_in_row``); finished reports are cached."""
+
+
 class TransientError(Exception):
-    """A request failed after all retries (connection error, timeout, 408/409/429, 5xx), or the run
-    was stopped; the report is not cached."""
+    """A request failed after all retries (connection error, timeout, 408/409/429, 5xx, a body
+    that is not a chat completion), or the run was stopped; the report is not cached."""
+
+
+class RunStopped(TransientError):
+    """A request not sent, or not retried, because the run stopped after another one failed."""
+
+
+class InvalidCompletion(ValueError):
+    """A 200 answer whose body is not a chat completion; the message says what is wrong."""
 
 
 class RequestRejected(Exception):
@@ -80,6 +116,127 @@ class RequestStats:
         values = dict(self.__dict__)
         values.pop("request_spans")
         return values
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What the parser uses of one chat completion."""
+
+    content: str | None
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _snippet(body: bytes) -> str:
+    text = " ".join(body[: BODY_SNIPPET_CHARS * 4].decode("utf-8", "replace").split())
+    return redact(text[:BODY_SNIPPET_CHARS]) + ("..." if len(text) > BODY_SNIPPET_CHARS else "")
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def parse_completion(content_type: str | None, body: bytes) -> Completion:
+    """The completion in a 200 answer's body; ``InvalidCompletion`` naming the problem when it is
+    not one: a non-JSON content type, an empty body, invalid JSON, not an object, an error object,
+    no choices, a choice without a message, content that is not text. Pure: unit-testable."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media and not (media == "application/json" or media.endswith("+json")):
+        raise InvalidCompletion(f"content type {media!r}, not JSON (body: {_snippet(body)!r})")
+    if not body.strip():
+        raise InvalidCompletion("empty body")
+    try:
+        data = json.loads(body)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        where = f" at char {error.pos}" if isinstance(error, json.JSONDecodeError) else ""
+        reason = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8"
+        raise InvalidCompletion(f"invalid JSON ({reason}{where} of {len(body)} bytes; truncated?)") from None
+    if not isinstance(data, dict):
+        raise InvalidCompletion(f"JSON {type(data).__name__}, not a completion object")
+    choices = data.get("choices")
+    if not choices:
+        error = data.get("error")
+        if error:
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise InvalidCompletion(f"an error object in a 200 answer: {redact(' '.join(str(message).split()))[:500]}")
+        raise InvalidCompletion("no choices" if isinstance(choices, list) else "no `choices` list")
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise InvalidCompletion("`choices` is not a list of objects")
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        raise InvalidCompletion("the first choice has no message")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise InvalidCompletion(f"message content is a JSON {type(content).__name__}, not text")
+    finish = choices[0].get("finish_reason")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return Completion(
+        content=content,
+        finish_reason=finish if isinstance(finish, str) else None,
+        prompt_tokens=_count(usage.get("prompt_tokens")),
+        completion_tokens=_count(usage.get("completion_tokens")),
+    )
+
+
+# ---- secrets: every value read from the environment, removed from messages and log records
+
+_SECRETS: set[str] = set()
+_SECRETS_LOCK = threading.Lock()
+MIN_SECRET_CHARS = 4  # shorter values are not redacted (they would mangle every message)
+
+
+def redact(text: str) -> str:
+    """``text`` without any registered secret and without the literal credentials of any URL."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, _config.REDACTED)
+    return _config.redact_text(text)
+
+
+class _RedactFilter(logging.Filter):
+    """Rewrites a log record whose message holds a secret (any logger: on the handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record: leave it to logging
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+_FILTER = _RedactFilter()
+
+
+def register_secrets(*values: str | None) -> None:
+    """Redact ``values`` from messages and from every record of the root logger's handlers."""
+    with _SECRETS_LOCK:
+        _SECRETS.update(v for v in values if v and len(v) >= MIN_SECRET_CHARS)
+    for handler in logging.getLogger().handlers:
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
+
+
+def endpoint(base_url: str) -> tuple[str, tuple[str, str] | None]:
+    """``base_url`` without credentials, and the (user, password) its ${NAME} references name,
+    read from the environment and registered as secrets (None: no credentials). ConfigError
+    naming the variable when one is unset."""
+    scheme, userinfo, rest = _config.split_userinfo(base_url)
+    if not userinfo:
+        return base_url, None
+    parts = []
+    for part in userinfo.split(":", 1):
+        ref = _config.ENV_REF.fullmatch(part)
+        if ref and not os.environ.get(ref.group(1)):
+            raise _config.ConfigError(
+                f"config key 'reports.llm.base_url' ({_config.redact_url(base_url)}): environment variable "
+                f"{ref.group(1)} is not set or empty")
+        parts.append(os.environ[ref.group(1)] if ref else part)
+    register_secrets(*(value for value, part in zip(parts, userinfo.split(":", 1)) if _config.ENV_REF.fullmatch(part)))
+    user, password = (parts + [""])[:2]
+    return scheme + rest, (user, password)
 
 
 def _openai():
@@ -111,7 +268,8 @@ class LLMClient:
         schema: dict,
         stats: RequestStats,
     ):
-        self.base_url = base_url.rstrip("/")
+        self.base_url = _config.redact_url(base_url.rstrip("/"))  # as shown in every message
+        self._url, self._basic_auth = endpoint(base_url.rstrip("/"))
         self.model = model
         self.api_key_env = api_key_env
         self.timeout_s = float(timeout_s)
@@ -124,6 +282,7 @@ class LLMClient:
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         self._secret = key or None
         self._api_key = key or API_KEY_PLACEHOLDER
+        register_secrets(key)
         auto = response_format == "auto"
         with _MODE_MEMO_LOCK:
             known = _MODE_MEMO.get((self.base_url, model)) if auto else None
@@ -138,27 +297,33 @@ class LLMClient:
         self._client = None
 
     # -- helpers
-    def scrub(self, message: str) -> str:
-        """``message`` without the API key."""
-        if self._secret:
-            message = message.replace(self._secret, "***")
-        return message
+    @staticmethod
+    def scrub(message: str) -> str:
+        """``message`` without the API key, the URL's credentials or any other registered secret."""
+        return redact(message)
 
     def openai_client(self):
-        """The ``openai.OpenAI`` client, made on first use (its own retries off: ours are counted)."""
+        """The ``openai.OpenAI`` client, made on first use (its own retries off: ours are counted),
+        with the URL's credentials, if any, as basic auth (the URL it holds and logs has none)."""
         if self._client is None:
-            self._client = _openai().OpenAI(
-                base_url=self.base_url,
+            openai = _openai()
+            http_client = None
+            if self._basic_auth is not None:  # a (user, password) tuple: basic auth for the SDK's HTTP client
+                http_client = openai.DefaultHttpxClient(auth=self._basic_auth)
+            self._client = openai.OpenAI(
+                base_url=self._url,
                 api_key=self._api_key,
                 timeout=self.timeout_s,
                 max_retries=0,  # retries are ours (counted, with jitter)
+                http_client=http_client,
             )
         return self._client
 
     def _auth_error(self, status_code: Any, key_state: str = "") -> LLMAuthError:
+        basic = " and the user and password of reports.llm.base_url (sent instead)" if self._basic_auth else ""
         return LLMAuthError(
             f"LLM server at {self.base_url} rejected the API key from env var "
-            f"{self.api_key_env!r}{key_state}; HTTP {status_code}"
+            f"{self.api_key_env!r}{key_state}{basic}; HTTP {status_code}"
         )
 
     def check_reachable(self) -> None:
@@ -179,7 +344,12 @@ class LLMClient:
                 f"{ERR_UNREACHABLE}: no answer from {self.base_url} ({type(error).__name__}: "
                 f"{self.scrub(str(error))}); start the server or fix reports.llm.base_url"
             ) from None
-        ids = [m.id for m in getattr(models, "data", []) or []]
+        except (ValueError, TypeError, AttributeError) as error:  # it answered, but not a model list
+            log.warning("LLM server at %s answered /models with something that is not a model list (%s)",
+                        self.base_url, self.scrub(f"{type(error).__name__}: {error}")[:300])
+            return
+        data = getattr(models, "data", None)
+        ids = [m.id for m in data if isinstance(getattr(m, "id", None), str)] if isinstance(data, list) else []
         if ids and self.model not in ids:
             log.warning(
                 "model %r is not in the model list of %s (%s); sending it anyway",
@@ -203,6 +373,8 @@ class LLMClient:
     def status_message(self, error: Exception) -> str:
         """A one-line reason for a failed request ("HTTP 400: ..."), at most 500 characters of the
         server's message, without the API key."""
+        if isinstance(error, InvalidCompletion):
+            return self.scrub(f"HTTP 200 with a body that is not a chat completion: {error}")
         code = getattr(error, "status_code", None)
         body = getattr(error, "body", None)
         message = None
@@ -215,13 +387,26 @@ class LLMClient:
         message = " ".join(str(message).split())[:500]
         return self.scrub(f"HTTP {code}: {message}" if code else f"{type(error).__name__}: {message}")
 
+    def _systematic(self, error: Exception) -> LLMSystematicError:
+        return LLMSystematicError(
+            f"LLM server at {self.base_url} answered a chat request for model {self.model!r} with "
+            f"{self.status_message(error)}: every request would fail. Check reports.llm.base_url (OpenAI-compatible "
+            "endpoints usually end in /v1) and reports.llm.model"
+        )
+
     # -- requests
-    def _send(self, messages: list[dict], mode: str, probing: bool = False):
+    def _create(self, request: dict) -> Completion:
+        """One chat request; the body checked by ``parse_completion`` (``InvalidCompletion``)."""
+        raw = self.openai_client().chat.completions.with_raw_response.create(**request)
+        http = raw.http_response
+        return parse_completion(http.headers.get("content-type"), http.content)
+
+    def _send(self, messages: list[dict], mode: str, probing: bool = False) -> Completion:
         """One request with retries on transient errors. Returns the completion."""
         openai = _openai()
-        request: dict[str, Any] = dict(
-            model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens
-        )
+        request: dict[str, Any] = {
+            "model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": self.max_tokens,
+        }
         response_format = response_format_for(mode, self.schema)
         if response_format is not None:
             request["response_format"] = response_format
@@ -229,20 +414,22 @@ class LLMClient:
         attempt = 0
         while True:
             if self.stopped.is_set():
-                raise TransientError("run stopped after another request failed")
+                raise RunStopped("run stopped after another request failed")
             with self._stats_lock:
                 stats.requests += 1
                 self._in_flight += 1
                 stats.max_in_flight = max(stats.max_in_flight, self._in_flight)
             started = time.perf_counter()
             try:
-                completion = self.openai_client().chat.completions.create(**request)
+                completion = self._create(request)
                 failure: Exception | None = None
-            except (openai.APIConnectionError, openai.APITimeoutError) as error:
+            except (openai.APIConnectionError, openai.APITimeoutError, InvalidCompletion) as error:
                 failure, retry = error, True
             except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
                 raise self._auth_error(error.status_code) from None
             except openai.APIStatusError as error:
+                if error.status_code in SYSTEMATIC_STATUS:
+                    raise self._systematic(error) from None
                 failure, retry = error, (error.status_code in RETRY_STATUS or error.status_code >= 500)
             finally:
                 with self._stats_lock:
@@ -256,11 +443,9 @@ class LLMClient:
                     stats.format_probes += 1
                 raise _FormatRejected(self.status_message(failure)) from None
             if failure is None:
-                usage = getattr(completion, "usage", None)
-                if usage is not None:
-                    with self._stats_lock:
-                        stats.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
-                        stats.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+                with self._stats_lock:
+                    stats.prompt_tokens += completion.prompt_tokens
+                    stats.completion_tokens += completion.completion_tokens
                 return completion
             if not retry:
                 raise RequestRejected(self.status_message(failure)) from None
@@ -274,7 +459,7 @@ class LLMClient:
     def chat(self, messages: list[dict]):
         """Send ``messages`` with the decided response mode; on the first request(s), find the mode
         (one request at a time while probing). Returns the completion; raises ``RequestRejected``,
-        ``TransientError`` or ``LLMAuthError``."""
+        ``TransientError``, ``LLMAuthError`` or ``LLMSystematicError``."""
         if self._mode_decided:
             return self._send(messages, self._modes[self._mode_index])
         with self._mode_lock:

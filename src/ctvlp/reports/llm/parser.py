@@ -1,7 +1,9 @@
 """Parsing many reports: the config resolved against the config schema, identical reports sent
 once, cached answers reused, the rest sent through a thread pool (with a progress bar) with one
-repair request per invalid answer, each finished report cached at once, and the result as
-``REPORT_SCHEMA`` rows (36 per case); ``LLMStats`` counts what a run did."""
+repair request per invalid answer, each validated answer cached at once, and the result as
+``REPORT_SCHEMA`` rows (36 per case); ``LLMStats`` counts what a run did. A run stops
+(``LLMSystematicError``) when ``max_unparsed_in_row`` reports in a row end unparsed, or when it
+ends with every report unparsed: a wrong model, prompt or server, not hard reports."""
 
 from __future__ import annotations
 
@@ -21,7 +23,15 @@ from ... import config as _config
 from ..schema import ERR_EMPTY, ERR_NO_ANATOMY, REPORT_SCHEMA, clean_text
 from .answer import AnswerError, validate_answer
 from .cache import entry_key, make_entry, read_entry, write_entry
-from .client import LLMClient, LLMServerError, RequestRejected, RequestStats, TransientError
+from .client import (
+    LLMClient,
+    LLMServerError,
+    LLMSystematicError,
+    RequestRejected,
+    RequestStats,
+    RunStopped,
+    TransientError,
+)
 from .prompt import answer_schema, build_messages, load_prompt, repair_messages
 
 log = logging.getLogger(__name__)
@@ -41,7 +51,8 @@ class LLMStats(RequestStats):
     cache_hits: int = 0  # distinct reports answered from the cache
     reports_requested: int = 0  # distinct reports sent to the server in this run
     repairs: int = 0  # repair requests (an invalid answer sent back with its error)
-    unparsed: int = 0  # distinct reports whose final outcome is unparsed (cached ones included)
+    unparsed: int = 0  # distinct reports whose final outcome is unparsed (never cached: re-sent by a re-run)
+    unparsed_in_row: int = 0  # longest run of reports in a row (completion order) that ended unparsed
     transient_failures: int = 0  # reports abandoned after max_retries (not cached; run raised)
     wall_s: float = 0.0
 
@@ -61,9 +72,10 @@ def resolve_config(cfg: dict) -> dict:
     if not isinstance(settings["model"], str) or not settings["model"]:
         raise _config.ConfigError("config key 'reports.llm.model': the llm backend needs `model` "
                                   "(the served model name)")
-    if not re.match(r"^https?://", settings["base_url"]):
+    if not re.match(r"^https?://[^/?#\s]+", settings["base_url"]):
         raise _config.ConfigError(
-            f"config key 'reports.llm.base_url': must be an http(s) URL, not {settings['base_url']!r}"
+            f"config key 'reports.llm.base_url': must be an http(s) URL with a host, not "
+            f"{_config.redact_url(settings['base_url'])!r}"
         )
     return settings
 
@@ -109,10 +121,8 @@ class LLMReportParser:
             except RequestRejected as rejection:
                 errors.append(f"request rejected: {rejection}")
                 break
-            choice = completion.choices[0] if completion.choices else None
-            content = choice.message.content if choice is not None else None
-            finish = getattr(choice, "finish_reason", None) if choice is not None else None
-            raw.append(content)
+            content, finish = completion.content, completion.finish_reason
+            raw.append(self.client.scrub(content) if content is not None else None)
             try:
                 anatomies = validate_answer(content, self.diseases, finish, self.client.max_tokens)
             except AnswerError as invalid:
@@ -146,7 +156,7 @@ class LLMReportParser:
         """The 36 rows of one case (catalog order) from its cache entry (None: an empty report,
         every anatomy "not_mentioned" with ``error``)."""
         if entry is None:
-            anatomies, error, unparsed = {}, error, False
+            anatomies, unparsed = {}, False
         else:
             unparsed = entry["outcome"] == "unparsed"
             anatomies, error = entry["anatomies"], entry["error"]
@@ -193,8 +203,8 @@ class LLMReportParser:
         entries: dict[str, dict] = {}
         todo: list[str] = []
         for key in texts:
-            cached = read_entry(self.cache_dir / f"{key}.json")
-            if cached is not None and not (cached["outcome"] == "unparsed" and self.cfg["retry_unparsed"]):
+            cached = read_entry(self.cache_dir / f"{key}.json", self.diseases)
+            if cached is not None:
                 entries[key] = cached
                 stats.cache_hits += 1
             else:
@@ -211,12 +221,17 @@ class LLMReportParser:
         return pl.DataFrame(rows, schema=REPORT_SCHEMA)
 
     def _run(self, todo: list[str], texts: dict[str, str], entries: dict[str, dict], progress: bool) -> None:
-        """Send the reports of ``todo`` (cache keys) through the thread pool, caching and adding each
-        finished entry to ``entries``. On a transient failure: submit nothing more, let requests in
-        flight finish (they are cached), then raise ``LLMServerError``."""
+        """Send the reports of ``todo`` (cache keys) through the thread pool, caching each validated
+        answer and adding each finished entry to ``entries``. On a failure (transient after all
+        retries, or systematic: the key refused, a 404, ``max_unparsed_in_row`` unparsed reports in a
+        row): the worker that meets it stops the run at once (no request starts after it), requests in
+        flight finish (parsed ones are cached), then ``LLMServerError``, ``LLMAuthError`` or
+        ``LLMSystematicError`` is raised."""
         stats = self.stats
         stopped = self.client.stopped
         stopped.clear()
+        max_in_row = int(self.cfg["max_unparsed_in_row"])
+        state = {"in_row": 0, "systematic": None}  # shared by the workers, under self._stats_lock
         bar = None
         if progress:
             from tqdm import tqdm
@@ -225,11 +240,23 @@ class LLMReportParser:
 
         def work(key: str) -> dict:
             if stopped.is_set():
-                raise TransientError("run stopped after another request failed")
+                raise RunStopped("run stopped after another request failed")
             with self._stats_lock:
                 stats.reports_requested += 1
-            entry = self._parse_one(texts[key])
-            write_entry(self.cache_dir / f"{key}.json", entry)  # as results arrive
+            try:
+                entry = self._parse_one(texts[key])
+            except BaseException:
+                stopped.set()  # before any other worker starts a request
+                raise
+            if entry["outcome"] == "parsed":  # only validated answers are cached, as they arrive
+                write_entry(self.cache_dir / f"{key}.json", entry)
+            with self._stats_lock:
+                state["in_row"] = state["in_row"] + 1 if entry["outcome"] == "unparsed" else 0
+                stats.unparsed_in_row = max(stats.unparsed_in_row, state["in_row"])
+                if max_in_row and state["in_row"] >= max_in_row and state["systematic"] is None:
+                    state["systematic"] = (f"{state['in_row']} reports in a row ended unparsed "
+                                           f"(reports.llm.max_unparsed_in_row={max_in_row})")
+                    stopped.set()
             return entry
 
         def stop(futures) -> None:
@@ -237,8 +264,7 @@ class LLMReportParser:
             for future in futures:
                 future.cancel()
 
-        failure: str | None = None
-        n_failed = 0
+        failures: list[str] = []  # transient failures after all retries (not the stops they caused)
         n_unparsed = 0
         with ThreadPoolExecutor(max_workers=int(self.cfg["concurrency"]), thread_name_prefix="reports-llm") as pool:
             futures: dict[Future, str] = {pool.submit(work, key): key for key in todo}
@@ -255,13 +281,14 @@ class LLMReportParser:
                             entries[key] = future.result()
                             n_unparsed += entries[key]["outcome"] == "unparsed"
                         elif isinstance(error, TransientError):
-                            n_failed += 1
-                            if failure is None:
-                                failure = str(error)
-                                stop(pending)
+                            if not isinstance(error, RunStopped):
+                                failures.append(str(error))
+                            stop(pending)
                         else:
                             stop(pending)
                             raise error
+                        if stopped.is_set():
+                            stop(pending)
                         if bar is not None:
                             bar.update(1)
                             bar.set_postfix(
@@ -275,11 +302,20 @@ class LLMReportParser:
             finally:
                 if bar is not None:
                     bar.close()
-        if failure is not None:
-            stats.transient_failures = n_failed
-            done_now = sum(1 for key in todo if key in entries)
-            raise LLMServerError(
-                f"LLM server at {self.client.base_url} failed: {failure}. {done_now} of {len(todo)} reports sent in "
-                f"this run finished and are cached in {self.cache_dir} ({stats.cache_hits} were cached before); "
-                "re-run to resume"
+        stats.transient_failures = len(failures)
+        parsed_now = sum(1 for key in todo if key in entries and entries[key]["outcome"] == "parsed")
+        cached = (f"{parsed_now} of {len(todo)} reports sent in this run were parsed and are cached in "
+                  f"{self.cache_dir} ({stats.cache_hits} were cached before); re-run to resume")
+        if failures:
+            raise LLMServerError(f"LLM server at {self.client.base_url} failed: {failures[0]}. {cached}")
+        systematic = state["systematic"]
+        if systematic is None and max_in_row and n_unparsed and not parsed_now and not stats.cache_hits:
+            systematic = f"all {n_unparsed} reports sent ended unparsed and none came from the cache"
+        if systematic is not None:
+            last = next((entries[key]["error"] for key in reversed(todo)
+                         if key in entries and entries[key]["outcome"] == "unparsed"), None)
+            raise LLMSystematicError(
+                f"LLM server at {self.client.base_url}, model {self.cfg['model']!r}: {systematic}; the last reason: "
+                f"{last}. A systematic problem (the model, its context size, the response format or the server), "
+                f"not hard reports: check reports.llm and the server. {cached}"
             )

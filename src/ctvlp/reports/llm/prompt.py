@@ -8,7 +8,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import yaml
@@ -36,7 +36,7 @@ class Prompt:
     anatomies: dict[str, str]
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_prompt(name: str = DEFAULT_PROMPT) -> Prompt:
     """Load ``ctvlp/prompts/<name>.yaml`` (package data); its version is its file name."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
