@@ -4,6 +4,21 @@
 # with its outputs or excluded.json and the reason, written complete or not at all; a case whose
 # folder was made from the same settings and input is kept, so a killed shard job resumes. A shard
 # job's declared output is its table of cases (results/shards/...), which qc gathers.
+#
+# Stale input: a shard's params hold the size and mtime of its cases' image, mask and precomputed
+# segmentation files (stage.shard_inputs_digest, stat only), so a plain `snakemake` re-runs exactly
+# the shards whose files changed; each case's stamp (with a content digest of those files) then
+# redoes only the changed cases, also under --forcerun.
+from ctvlp.imaging.stage import shard_inputs_digest
+
+
+def shard_inputs(segment_cfg=None):
+    def inner(wildcards):
+        return shard_inputs_digest(results_path("cohort/manifest.parquet"), int(wildcards.shard),
+                                   config["shard_size"], segment_cfg)
+
+    return inner
+
 
 
 wildcard_constraints:
@@ -21,6 +36,7 @@ rule segment:
                    "shard_size"),
         out_root=lambda w: results_path("segment"),
         shard_size=config["shard_size"],
+        inputs=shard_inputs(config["segment"]),
     log:
         results_path("logs/segment/shard-{shard}.log"),
     benchmark:
@@ -49,6 +65,7 @@ rule preprocess:
         out_root=lambda w: results_path("preprocessed"),
         shard_size=config["shard_size"],
         segment_root=lambda w: results_path("segment"),
+        inputs=shard_inputs(),
     log:
         results_path("logs/preprocess/shard-{shard}.log"),
     benchmark:

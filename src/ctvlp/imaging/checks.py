@@ -1,6 +1,8 @@
 """Checks shared by the per-case stages: geometry (3D, enough slices, plausible spacing, a
-size that can be allocated), HU (stored values vs HU, a rescale applied at most once), and NaN/Inf
-voxels. A failed check raises ``CaseExcluded`` with the reason."""
+size that can be allocated; finite header fields and an orthonormal direction matrix, for images
+and masks alike: ``geometry_problem``, ``check_mask``, ``check_manifest_spacing``), HU (stored
+values vs HU, a rescale applied at most once), and NaN/Inf voxels. A failed check raises
+``CaseExcluded`` with the reason."""
 
 from __future__ import annotations
 
@@ -40,6 +42,75 @@ def check_geometry(size, spacing, dimension: int, min_slices: int, spacing_range
     if bad:
         raise CaseExcluded(f"absurd voxel spacing {[round(float(s), 4) for s in spacing]} mm: {bad} outside "
                            f"[{lo}, {hi}] (preprocess.spacing_range); header broken?")
+
+
+ORTHONORMAL_TOLERANCE = 1e-3  # DICOM direction cosines are stored to ~1e-6; a broken header is far off
+
+
+def geometry_problem(dimension: int, spacing, origin, direction) -> str | None:
+    """What makes a header's geometry unusable, or None: NaN/Inf in spacing, origin or direction,
+    a spacing that is not positive, a direction matrix that is singular or not orthonormal (ITK
+    resamples through it: a singular one maps the volume onto a plane, a skewed one shears it)."""
+    fields = {"spacing": spacing, "origin": origin, "direction": direction}
+    bad = [f"{name} {[round(float(v), 4) for v in values]}" for name, values in fields.items()
+           if not np.isfinite(np.asarray(values, dtype=np.float64)).all()]
+    if bad:
+        return f"NaN/Inf in header field(s): {'; '.join(bad)}"
+    if any(float(s) <= 0 for s in spacing):
+        return f"non-positive voxel spacing {[round(float(s), 4) for s in spacing]} in the header"
+    d = np.asarray(direction, dtype=np.float64)
+    if d.size != dimension * dimension:
+        return f"direction matrix has {d.size} entries for a {dimension}D image"
+    d = d.reshape(dimension, dimension)
+    det = float(np.linalg.det(d))
+    if abs(det) < ORTHONORMAL_TOLERANCE:
+        return f"singular direction matrix (determinant {det:.3g}): {np.round(d, 4).tolist()}; broken header?"
+    deviation = float(np.abs(d.T @ d - np.eye(dimension)).max())
+    if deviation > ORTHONORMAL_TOLERANCE:
+        return (f"direction matrix is not orthonormal (|D^T D - I| up to {deviation:.3g}, tolerance "
+                f"{ORTHONORMAL_TOLERANCE:g}): {np.round(d, 4).tolist()}; sheared or broken header?")
+    return None
+
+
+def check_header_geometry(what: str, dimension: int, spacing, origin, direction) -> None:
+    """``geometry_problem`` as a ``CaseExcluded`` naming ``what`` (e.g. "image /data/ct.nii.gz")."""
+    problem = geometry_problem(dimension, spacing, origin, direction)
+    if problem:
+        raise CaseExcluded(f"{what}: {problem}")
+
+
+def check_mask(path: str | Path, image_dimension: int = 3, what: str = "mask") -> None:
+    """A mask (label image) file's header before it is read: readable, one component, as many
+    dimensions as its image (a 2D slice or a 4D stack for a 3D CT is refused; a 4D file whose
+    fourth axis has length 1 is read as 3D by ITK and passes), finite spacing/origin/direction and
+    an orthonormal direction matrix. Its grid may differ from the image's (masks are resampled
+    through physical coordinates; one that lands mostly off the image is refused there)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaseExcluded(f"{what} not found: {path}")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise CaseExcluded(f"unreadable {what} {path}: {first_line(e)}") from e
+    dim, size = reader.GetDimension(), list(reader.GetSize())
+    if dim != image_dimension:
+        raise CaseExcluded(f"{what} {path} is {dim}D (size {size}) but its image is {image_dimension}D")
+    if reader.GetNumberOfComponents() != 1:
+        raise CaseExcluded(f"{what} {path} has {reader.GetNumberOfComponents()} components per voxel; a label "
+                           "image has one")
+    check_header_geometry(f"{what} {path}", dim, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+
+
+def check_manifest_spacing(case: dict) -> None:
+    """The manifest's spacing_x/y/z (authoritative over the header, ``io.manifest_spacing``) must be
+    finite and positive where given: a NaN from a metadata table would reach every resampling."""
+    vals = {a: case.get(f"spacing_{a}") for a in "xyz"}
+    bad = {a: v for a, v in vals.items() if v is not None and not (np.isfinite(v) and v > 0)}
+    if bad:
+        raise CaseExcluded("manifest spacing " + ", ".join(f"spacing_{a} = {v}" for a, v in bad.items())
+                           + " is not a positive finite number (the cohort's metadata table?)")
 
 
 def sample(arr: np.ndarray, max_voxels: int = 2_000_000) -> np.ndarray:
@@ -168,6 +239,7 @@ def check_image(path: str | Path, cfg: dict, verify_data: bool = False, image: s
     if image is not None or path.is_dir():
         img = image if image is not None else read_image(path, series_uid)
         size, spacing, dim = img.GetSize(), img.GetSpacing(), img.GetDimension()
+        origin, direction = img.GetOrigin(), img.GetDirection()
     else:
         if not path.is_file():
             raise CaseExcluded(f"image not found: {path}")
@@ -178,7 +250,9 @@ def check_image(path: str | Path, cfg: dict, verify_data: bool = False, image: s
         except RuntimeError as e:
             raise CaseExcluded(f"unreadable image {path}: {first_line(e)}") from e
         size, spacing, dim = reader.GetSize(), reader.GetSpacing(), reader.GetDimension()
+        origin, direction = reader.GetOrigin(), reader.GetDirection()
         if reader.GetNumberOfComponents() != 1:
             raise CaseExcluded(f"{reader.GetNumberOfComponents()} components per voxel; a CT has one")
+    check_header_geometry(f"image {path}", dim, spacing, origin, direction)
     check_geometry(size, spacing, dim, cfg["min_slices"], cfg["spacing_range"], cfg["max_voxels"])
     return {"size": list(size), "spacing": list(spacing)}
