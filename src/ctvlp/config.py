@@ -18,6 +18,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 from importlib import resources
@@ -201,9 +202,40 @@ def _message(error: jsonschema.ValidationError) -> str:
     return redact_text(f"config key '{where}': {error.message}")
 
 
+def _nonfinite(node, where: str):
+    """(key, value) of every NaN or infinite number in ``node``."""
+    if isinstance(node, float) and not math.isfinite(node):
+        yield where or "<top level>", node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _nonfinite(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _nonfinite(value, f"{where}[{i}]")
+
+
+def _lookup(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def _semantic_errors(config: dict) -> list[str]:
     """Checks across values that the schema cannot express."""
     errors = []
+    split = config.get("cohort", {}).get("split")
+    if isinstance(split, list) and split and not sum(split) > 0:
+        errors.append(f"config key 'cohort.split': the train/val/test fractions must sum to more than zero, "
+                      f"got {split}")
+    for key in PATH_KEYS:
+        value = _lookup(config, key)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and ("{" in item or "}" in item):
+                errors.append(f"config key '{key}': {item!r} holds a brace ('{{' or '}}'), which Snakemake reads as "
+                              "a wildcard in a path; rename the file or folder")
     pre = config.get("preprocess", {})
     for key in ("hu_window", "spacing_range"):
         lo, hi = pre.get(key, (0, 1))
@@ -241,6 +273,13 @@ def model_parameters(model: dict) -> int:
 def validate(config: dict | None, schema: dict | None = None) -> dict:
     """Return a validated copy of ``config`` with defaults filled in; raise ConfigError otherwise."""
     schema = schema or load_schema()
+    if isinstance(config, dict) and YTE_KEY in config:
+        raise ConfigError(f"invalid configuration:\n  config key '{YTE_KEY}': a ctvlp config is plain data, not a "
+                          "YTE template (Snakemake evaluates the Python in a file that sets it); remove it")
+    nonfinite = [f"config key '{where}': {value} is not a finite number (NaN and infinity are refused)"
+                 for where, value in _nonfinite(config or {}, "")]
+    if nonfinite:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(nonfinite))
     config = _fill_defaults(copy.deepcopy(config or {}), schema)
     errors = sorted(
         jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path)
@@ -262,20 +301,121 @@ def validate_section(name: str, values: dict, what: str, fill: bool = False) -> 
     return checked if fill else values
 
 
-def load(path: str | Path) -> dict:
-    """A config file (YAML, or the JSON of ``snapshot``) validated, with defaults filled in."""
+# ---- reading config files ---------------------------------------------------------------------
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few kB; this bounds what a hostile one can cost
+YTE_KEY = "__use_yte__"
+# keys holding paths (or names that may be paths): a brace would be read as a Snakemake wildcard
+PATH_KEYS = ("results", "cohort.table.path", "cohort.ctrate.volumes_root", "cohort.ctrate.metadata_csv",
+             "cohort.ctrate.reports_csv", "cohort.ctrate.labels_csv", "segment.path", "segment.weights_dir",
+             "reports.llm.cache_dir", "model.text_model", "evaluate.catalog")
+
+
+class _Refused(Exception):
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases (a few lines of them expand into gigabytes: the "billion
+    laughs"), and with every mapping key once (PyYAML, like Snakemake, silently keeps the last)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(f"YAML alias *{event.anchor} is not allowed in a ctvlp config (write the value out)",
+                           event.start_mark.line + 1)
+        if getattr(event, "anchor", None):
+            raise _Refused(f"YAML anchor &{event.anchor} is not allowed in a ctvlp config (write the value out)",
+                           event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                line = key_node.start_mark.line + 1
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    again = key in seen
+                except TypeError:  # an unhashable key: the constructor below says so
+                    continue
+                if again:
+                    raise _Refused(f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                                   "YAML would silently keep only the last", line)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _json_pairs(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def _json_constant(name):
+    raise ValueError(f"{name} is not a number a config may hold")
+
+
+def parse_text(text: str, name: str, json_file: bool = False):
+    """The data of a config file's ``text`` (YAML, or JSON with ``json_file``) read strictly:
+    no YAML anchors or aliases, no duplicate keys, no ``__use_yte__``; ConfigError naming ``name``
+    and the line otherwise. Values are checked later (``validate``)."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {name} is larger than {MAX_CONFIG_BYTES >> 10} KiB; a ctvlp config is a "
+                          "few kB (is it the right file?)")
+    try:
+        if json_file:  # JSON by its suffix: YAML 1.1 would read JSON's 1e-06 as a string
+            data = json.loads(text, object_pairs_hook=_json_pairs, parse_constant=_json_constant)
+        else:
+            data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except _Refused as e:
+        raise ConfigError(f"config file {name}, line {e.line}: {e}") from None
+    except (yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"config file {name} is not valid {'JSON' if json_file else 'YAML'}: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {name} must hold a mapping of sections, not {type(data).__name__}")
+    if data and YTE_KEY in data:
+        raise ConfigError(
+            f"config file {name} sets {YTE_KEY}: Snakemake evaluates the Python expressions of such a file as a "
+            "YTE template (a file given with --configfile is evaluated before the workflow can check it). A ctvlp "
+            f"config is plain data: remove {YTE_KEY} and write the values out")
+    return data
+
+
+def read_file(path: str | Path):
+    """The data of the config file ``path`` read strictly (``parse_text``), not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 10} KiB; a ctvlp config is a "
+                          "few kB (is it the right file?)")
     try:
         text = path.read_text(encoding="utf-8")
-        # JSON by its suffix: YAML 1.1 would read JSON's 1e-06 as a string
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML/JSON: {e}") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
-    return validate(data or {})
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {e}") from None
+    return parse_text(text, str(path), json_file=path.suffix.lower() == ".json")
+
+
+def check_files(paths) -> None:
+    """Read each config file in ``paths`` strictly (ConfigError on the first problem): the
+    workflow's check of the files Snakemake read with its own loader (which expands aliases, keeps
+    the last of duplicate keys and evaluates YTE templates)."""
+    for path in dict.fromkeys(str(p) for p in paths):
+        read_file(path)
+
+
+def load(path: str | Path) -> dict:
+    """A config file (YAML, or the JSON of ``snapshot``) read strictly (``parse_text``) and
+    validated, with defaults filled in."""
+    return validate(read_file(path) or {})
 
 
 # ---- what a stage may read -------------------------------------------------------------------

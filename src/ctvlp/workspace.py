@@ -16,6 +16,8 @@ this module, so that hostile or careless input cannot reach outside the results 
 - ``replace_dir`` / ``remove_tree`` delete only inside a marked results folder; per-case outputs
   are written into a temporary sibling and renamed into place, so a case folder exists only when
   complete.
+- ``read_parquet(path)`` reads one of the workflow's own tables; a missing or damaged one fails
+  naming the file and the rule that writes it (``snakemake --forcerun RULE`` repairs the run).
 """
 
 from __future__ import annotations
@@ -254,3 +256,54 @@ def write_parquet_atomic(table, path) -> Path:
     table.write_parquet(tmp)
     os.replace(tmp, path)
     return path
+
+
+# ---- reading the workflow's own tables -------------------------------------------------------
+
+# The rule that writes each of the workflow's Parquet tables, by the end of its path (PurePath.match).
+PARQUET_WRITERS = (
+    ("cohort/manifest.parquet", "cohort"), ("cohort/ground_truth.parquet", "cohort"),
+    ("cohort/exclusions.parquet", "cohort"),
+    ("shards/segment/*.parquet", "segment"), ("segment/*/anatomies.parquet", "segment"),
+    ("shards/preprocessed/*.parquet", "preprocess"),
+    ("qc/cases.parquet", "qc"), ("qc/qc.parquet", "qc"), ("qc/excluded.parquet", "qc"),
+    ("reports/reports.parquet", "reports"),
+    ("*/linear_probe_predictions.parquet", "linear_probe"), ("*/linear_probe.parquet", "linear_probe"),
+    ("*/predictions.parquet", "evaluate_zeroshot"), ("*/zeroshot.parquet", "evaluate_zeroshot"),
+)
+
+
+class UnreadableTableError(ValueError):
+    """One of the workflow's own tables is missing, truncated or otherwise unreadable."""
+
+
+def table_writer(path) -> str | None:
+    """The workflow rule that writes the Parquet table ``path`` (``PARQUET_WRITERS``), or None."""
+    p = Path(path)
+    return next((rule for pattern, rule in PARQUET_WRITERS if p.match(pattern)), None)
+
+
+def read_parquet(path, columns: list[str] | None = None):
+    """The workflow's own Parquet table ``path`` (the manifest, qc's case table, the reports, ground
+    truth, shard tables, predictions) as a polars DataFrame.
+
+    A missing, truncated or damaged file raises ``UnreadableTableError`` naming the file, the rule
+    that writes it, and the command that repairs the run: a damaged output is newer than its
+    inputs, so a plain rerun would not write it again, and every later stage would fail on it.
+    """
+    import polars as pl  # here: the rest of this module is imported by light tools too
+
+    rule = table_writer(path)
+    if rule:
+        repair = (f"It is written by the workflow's rule '{rule}'. Run `snakemake --forcerun {rule}` (plus your "
+                  "usual options) to write it again; the stages after it rerun too")
+    else:
+        repair = "Write it again with the stage that made it"
+    if not Path(path).is_file():
+        raise UnreadableTableError(f"table not found: {path}. {repair}")
+    try:
+        return pl.read_parquet(path, columns=columns)
+    except Exception as e:  # noqa: BLE001 - polars raises several kinds for a damaged file
+        reason = " ".join(str(e).split())[:300]
+        raise UnreadableTableError(f"cannot read the table {path} (truncated or damaged? {type(e).__name__}: "
+                                   f"{reason}). {repair}") from None

@@ -3,6 +3,7 @@ mask and label columns)."""
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import polars as pl
@@ -13,7 +14,17 @@ from .ids import with_safe_ids
 from .labels import ground_truth, label_columns
 from .schema import EXCLUSIONS_SCHEMA, GROUND_TRUTH_SCHEMA, INGEST, MANIFEST_SCHEMA, empty, frame
 from .splits import split_groups
-from .tables import ROW_ERROR, ROW_NOTE, read_table, strip_image_suffix, text
+from .tables import ROW_ERROR, ROW_NOTE, ROW_WHERE, read_table, strip_image_suffix, text
+
+
+def _nfc(v) -> str:
+    """A cell's text in Unicode NFC: "é" typed as one character or as e plus an accent is one id."""
+    return unicodedata.normalize("NFC", text(v))
+
+
+def _label_text(v) -> str | None:
+    """A label cell as text (a Parquet boolean as 0/1), None when empty; checked by ``ground_truth``."""
+    return str(int(v)) if isinstance(v, bool) else text(v) or None
 
 
 def _normalise_split(v) -> str | None:
@@ -44,19 +55,24 @@ def ingest(path, image_col: str = "image", report_col: str = "report", id_col: s
     series_col: optional column of SeriesInstanceUIDs naming the series of a DICOM folder (empty
         cells: the rule above; ignored, with a note, for an image file).
     id_col: case id column; when the table has no such column the id is the image's file (or
-        folder) name without its extension.
+        folder) name without its extension. A blank id in the column is an exclusion (never the
+        file name). Ids (and patient ids) are NFC-normalised before duplicates are looked for, so
+        one name typed in two Unicode forms is one case (the second row a duplicate).
     split_col: column with train/val/test (also train(ing)/valid(ation)/dev/test(ing)); without
         it cases are split by ``patient_col`` (or by case) with ``split_fractions`` and ``seed``.
     label_cols: list of label columns named by disease id or name of ``disease_catalog``, or a
         dict column -> disease id/name; values 0/1 (missing values go to the exclusions, stage
-        "ground_truth"). Without label columns the ground truth is empty.
+        "ground_truth"). Without label columns the ground truth is empty. A label cell must be 0,
+        1 or empty (``labels.ground_truth``): another value leaves its case without ground truth,
+        named by row, column and value; a column mostly of such values is refused.
     mask_col: optional column of TotalSegmentator multilabel masks (manifest mask_path).
     unsafe_ids: an id that cannot be a folder name (``workspace.case_id_problem``) is excluded
         ("exclude") or mapped to a safe name recorded in ``source_id`` / ``ingest_note`` ("slug");
         ids that would share a folder are excluded either way.
     fallback_encoding: decode CSV rows that are not UTF-8 with it (else such a row is excluded).
-    Missing or unreadable images, missing masks, empty reports and duplicate ids go to the
-    exclusions (stage "ingest"). Returns ``(manifest, ground_truth, exclusions)``.
+    Missing or unreadable images, missing masks, empty reports, blank and duplicate ids, and cells
+    over ``tables.MAX_CELL_BYTES`` go to the exclusions (stage "ingest"), each naming its table
+    row. Returns ``(manifest, ground_truth, exclusions)``.
     """
     path = Path(path)
     df = read_table(path, fallback_encoding)
@@ -66,6 +82,8 @@ def ingest(path, image_col: str = "image", report_col: str = "report", id_col: s
                       (patient_col, "patient_col"), (mask_col, "mask_col"), (series_col, "series_col")):
         if col is not None and col not in df.columns:
             raise ValueError(f"{path}: {what} {col!r} is not a column (columns: {', '.join(df.columns)})")
+    label_map = label_columns(label_cols, df.columns, disease_catalog) if label_cols else {}
+    given = [c for c in df.columns if not c.startswith("_ctvlp_")]
 
     def _resolve(v) -> Path | None:
         s = text(v)
@@ -75,23 +93,35 @@ def ingest(path, image_col: str = "image", report_col: str = "report", id_col: s
         return p if p.is_absolute() else base / p
 
     excl: list[dict] = []
-    rows, groups, fixed_split, seen = [], {}, {}, set()
+    rows, groups, fixed_split, seen = [], {}, {}, {}
     label_of: dict[str, dict] = {}
     for i, r in enumerate(df.iter_rows(named=True)):
+        where = r[ROW_WHERE]
+        if not r[ROW_ERROR] and not any(text(r[c]) for c in given):
+            continue  # a blank line of commas is not a case
         img = _resolve(r[image_col])
-        if id_col in df.columns and text(r[id_col]):
-            cid = text(r[id_col])
+        if id_col in df.columns:
+            cid = _nfc(r[id_col])
+            if not cid:
+                shown = f" (the image {img.name} does not name it)" if img is not None else ""
+                excl.append({"case_id": f"<{where}>", "stage": INGEST,
+                             "reason": f"{where}: blank case id in column {id_col!r}{shown}"})
+                continue
         elif img is not None:
-            cid = strip_image_suffix(img.name)
+            cid = unicodedata.normalize("NFC", strip_image_suffix(img.name))
         else:
-            cid = f"row{i}"
+            cid = f"row{i + 1}"
         if r[ROW_ERROR]:
-            excl.append({"case_id": cid, "stage": INGEST, "reason": f"table row {i}: {r[ROW_ERROR]}"})
+            excl.append({"case_id": cid, "stage": INGEST, "reason": f"{where}: {r[ROW_ERROR]}"})
             continue
         if cid in seen:
-            excl.append({"case_id": cid, "stage": INGEST, "reason": f"duplicate case_id (row {i})"})
+            first, raw = seen[cid]
+            again = text(r[id_col]) if id_col in df.columns else cid
+            how = " (the same after Unicode NFC normalisation)" if raw != again else ""
+            excl.append({"case_id": cid, "stage": INGEST,
+                         "reason": f"{where}: duplicate case_id{how}, first at {first}"})
             continue
-        seen.add(cid)
+        seen[cid] = (where, text(r[id_col]) if id_col in df.columns else cid)
         if img is None:
             excl.append({"case_id": cid, "stage": INGEST, "reason": "no image path"})
             continue
@@ -133,7 +163,7 @@ def ingest(path, image_col: str = "image", report_col: str = "report", id_col: s
                              "reason": f"unknown split {r[split_col]!r} (use train/val/test)"})
                 continue
             fixed_split[cid] = s
-        groups[cid] = text(r[patient_col]) if patient_col is not None and text(r[patient_col]) else cid
+        groups[cid] = _nfc(r[patient_col]) if patient_col is not None and text(r[patient_col]) else cid
         rows.append({"case_id": cid, "image_path": str(img), "mask_path": None if mask is None else str(mask),
                      "report_text": report, "source": source,
                      "spacing_x": spacing[0], "spacing_y": spacing[1], "spacing_z": spacing[2],
@@ -153,10 +183,11 @@ def ingest(path, image_col: str = "image", report_col: str = "report", id_col: s
     manifest = frame(rows, MANIFEST_SCHEMA).select(list(MANIFEST_SCHEMA)).sort("case_id")
 
     truth = empty(GROUND_TRUTH_SCHEMA)
-    if label_cols:
-        cols = label_columns(label_cols, df.columns, disease_catalog)
+    if label_map:
+        cols = label_map
         labels = pl.DataFrame({"__key": [row["case_id"] for row in rows],
-                               **{c: [text(label_of[row["source_id"]][c]) or None for row in rows] for c in cols}},
-                              schema={"__key": pl.Utf8, **{c: pl.Utf8 for c in cols}})
+                               ROW_WHERE: [label_of[row["source_id"]][ROW_WHERE] for row in rows],
+                               **{c: [_label_text(label_of[row["source_id"]][c]) for row in rows] for c in cols}},
+                              schema={"__key": pl.Utf8, ROW_WHERE: pl.Utf8, **{c: pl.Utf8 for c in cols}})
         truth = ground_truth(labels, "__key", {row["case_id"]: row["case_id"] for row in rows}, cols, excl)
     return manifest, truth, frame(excl, EXCLUSIONS_SCHEMA)

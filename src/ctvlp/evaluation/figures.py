@@ -30,6 +30,7 @@ from ..model.io import load_model, pick_device
 from ..model.normality import anatomy_token_rows
 from ..model.vision import N_ANATOMIES, pad_to_multiple
 from ..model.zeroshot import prompt_embedding
+from ..workspace import read_parquet
 from .embed import anatomy_crop, embed_cases
 from .zeroshot import read_ground_truth
 
@@ -134,7 +135,7 @@ def anatomy_embeddings(model, cases: list[CasePaths], ground_truth, device, crop
     """
     _check_eval(model)
     case_ids = [c.case_id for c in cases]
-    truth = pl.read_parquet(ground_truth) if isinstance(ground_truth, (str, Path)) else ground_truth
+    truth = read_parquet(ground_truth) if isinstance(ground_truth, (str, Path)) else ground_truth
     status = (truth.filter(pl.col("case_id").is_in(list(case_ids)) & pl.col("label").is_not_null())
               .group_by("case_id", "anatomy").agg((pl.col("label") > 0).any().alias("abnormal")))
     abnormal = {(c, a): bool(b) for c, a, b in status.iter_rows()}
@@ -443,10 +444,10 @@ def make_all(model_dir, predictions, cases_table, ground_truth, out_dir, disease
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device)
-    pred = pl.read_parquet(predictions)
+    pred = read_parquet(predictions)
     paths = {"roc_per_organ": plot_roc_per_organ(pred, out_dir / "roc_per_organ.png")}
 
-    table = pl.read_parquet(cases_table)
+    table = read_parquet(cases_table)
     paths_of = paths_from(table)
     test = table.filter(pl.col("split") == "test")["case_id"].to_list()
     test = sorted(set(test) & set(truth["case_id"].to_list()))

@@ -11,6 +11,8 @@ import polars as pl
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from tabulate import tabulate
 
+from ..workspace import read_parquet
+
 METRICS = ["auc", "sensitivity", "specificity", "accuracy", "precision", "f1"]
 
 
@@ -209,12 +211,12 @@ def ablation_table(variants: dict[str, str | Path], reference: str = "fvlm", n_r
     sensitivity/specificity/accuracy, and the difference of its mean AUC to ``reference`` with a
     paired bootstrap CI (both scored on the same resampled test cases)."""
     rows = []
-    base = pl.read_parquet(Path(variants[reference]) / "predictions.parquet") if reference in variants else None
+    base = read_parquet(Path(variants[reference]) / "predictions.parquet") if reference in variants else None
     for variant, folder in variants.items():
         t = pl.read_csv(Path(folder) / "zeroshot.csv")
         diseases, mean = t.filter(pl.col("disease_id") != "mean"), t.filter(pl.col("disease_id") == "mean").row(0, named=True)
         by_type = {ty: diseases.filter(pl.col("type") == ty)["auc"].fill_nan(None).mean() for ty in ("local", "diffuse")}
-        pred = pl.read_parquet(Path(folder) / "predictions.parquet")
+        pred = read_parquet(Path(folder) / "predictions.parquet")
         diff = (float("nan"),) * 3
         if base is not None and variant != reference:
             diff = paired_difference(pred, base, n_resamples, seed=seed)

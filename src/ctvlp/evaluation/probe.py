@@ -53,6 +53,7 @@ from .. import catalog
 from ..catalog import Disease
 from ..imaging.storage import paths_from
 from ..model.io import load_model, pick_device
+from ..workspace import read_parquet
 from . import metrics
 from .embed import embed_cases
 from .schema import (
@@ -71,7 +72,7 @@ PARSED = ("normal", "abnormal", "not_mentioned")
 
 
 def _frame(x) -> pl.DataFrame:
-    return x if isinstance(x, pl.DataFrame) else pl.read_parquet(x)
+    return x if isinstance(x, pl.DataFrame) else read_parquet(x)
 
 
 def _diseases(disease_catalog) -> tuple[Disease, ...]:

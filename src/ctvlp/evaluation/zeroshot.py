@@ -12,6 +12,7 @@ from .. import catalog
 from ..imaging.storage import paths_from
 from ..model.io import load_model, pick_device
 from ..model.zeroshot import disease_scores, prompt_styles
+from ..workspace import read_parquet
 from .embed import embed_cases
 from .metrics import choose_prompt_style
 from .schema import NOT_EVALUABLE_ANATOMY, PREDICTION_SCHEMA, NoLabelsError
@@ -20,7 +21,7 @@ from .schema import NOT_EVALUABLE_ANATOMY, PREDICTION_SCHEMA, NoLabelsError
 def read_ground_truth(ground_truth) -> pl.DataFrame:
     """The cohort's ground truth (a Parquet path or a DataFrame); NoLabelsError when it is empty
     (a source without labels, e.g. a table without cohort.table.label_cols)."""
-    truth = ground_truth if isinstance(ground_truth, pl.DataFrame) else pl.read_parquet(ground_truth)
+    truth = ground_truth if isinstance(ground_truth, pl.DataFrame) else read_parquet(ground_truth)
     if truth.is_empty():
         raise NoLabelsError(
             "the cohort has no ground-truth labels (empty ground truth): zero-shot evaluation, the linear probe "
@@ -55,7 +56,7 @@ def predict(model_dir, cases, ground_truth, disease_catalog: str, device="auto",
     truth = read_ground_truth(ground_truth)  # before anything is loaded: no labels, no evaluation
     device = pick_device(device)
     model = load_model(model_dir, device)
-    evaluated = pl.read_parquet(cases).filter(pl.col("split").is_in(["val", "test"]))
+    evaluated = read_parquet(cases).filter(pl.col("split").is_in(["val", "test"]))
     ids, splits = evaluated["case_id"].to_list(), evaluated["split"].to_list()
     paths = paths_from(evaluated)
     embs = embed_cases(model, [paths[c] for c in ids], device, crop_size)

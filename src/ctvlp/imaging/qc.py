@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 
 from ..cohort.schema import EXCLUSIONS_SCHEMA, GROUND_TRUTH
+from ..workspace import read_parquet
 from .exclusion import read_exclusion
 from .storage import with_folders
 
@@ -24,12 +25,12 @@ def collect(manifest: str | Path, cohort_exclusions: str | Path | None, segment_
     notes on kept cases without complete labels), cases.parquet (the manifest rows that go on, with
     their stage folders: ``storage.with_folders``) and summary.md. With ``strict``, raise if any
     case was excluded (label notes do not count)."""
-    cohort = pl.read_parquet(manifest)
+    cohort = read_parquet(manifest)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     excluded, qc_rows, kept = [], [], []
     if cohort_exclusions and Path(cohort_exclusions).is_file():
-        excluded += pl.read_parquet(cohort_exclusions).to_dicts()
+        excluded += read_parquet(cohort_exclusions).to_dicts()
     for case_id in cohort["case_id"]:
         record = read_exclusion(Path(segment_dir) / case_id) or read_exclusion(Path(preprocessed_dir) / case_id)
         if record:

@@ -45,7 +45,7 @@ import polars as pl
 
 from ..cohort.schema import PREPROCESS, SEGMENT
 from ..config import digest
-from ..workspace import check_case_id, replace_dir, write_parquet_atomic
+from ..workspace import check_case_id, read_parquet, replace_dir, write_parquet_atomic
 from . import checks
 from .exclusion import CaseExcluded, read_exclusion, write_exclusion
 from .io import first_line
@@ -66,7 +66,7 @@ DONE, REUSED, EXCLUDED = "done", "reused", "excluded"
 def manifest_row(manifest, case_id: str) -> dict:
     """The manifest row of ``case_id`` (a plain folder name) as a dict."""
     check_case_id(case_id)
-    rows = pl.read_parquet(manifest).filter(pl.col("case_id") == case_id)
+    rows = read_parquet(manifest).filter(pl.col("case_id") == case_id)
     if len(rows) != 1:
         raise ValueError(f"case {case_id!r} appears {len(rows)} times in {manifest} (expected once)")
     return rows.row(0, named=True)
@@ -79,7 +79,7 @@ def n_shards(n_cases: int, shard_size: int) -> int:
 def shard_cases(manifest, shard: int, shard_size: int) -> list[dict]:
     """The manifest rows of shard ``shard``: the cases in case_id order, cut into
     ``n_shards(cases, shard_size)`` shards of equal size (to one case), at most ``shard_size`` each."""
-    table = manifest if isinstance(manifest, pl.DataFrame) else pl.read_parquet(manifest)
+    table = manifest if isinstance(manifest, pl.DataFrame) else read_parquet(manifest)
     table = table.sort("case_id")
     count = max(n_shards(len(table), shard_size), 1)
     if not 0 <= shard < count:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ..workspace import read_parquet
+
 SEGMENT_DIR, PREPROCESSED_DIR = "segment_dir", "preprocessed_dir"  # columns of qc/cases.parquet
 
 
@@ -54,6 +56,6 @@ def load_case(paths: CasePaths):
     """A preprocessed case for inference: image and anatomy map memory-mapped (x, y, z), the (M,)
     complete-in-scan flags of its segment table, and its anatomy boxes on the preprocessed grid
     ({name: bbox}; None for outputs of an older ctvlp without them)."""
-    complete = pl.read_parquet(paths.table).sort("index")["complete"].to_numpy().astype(bool)
+    complete = read_parquet(paths.table).sort("index")["complete"].to_numpy().astype(bool)
     boxes = json.loads(paths.meta.read_text(encoding="utf-8")).get("anatomy_bbox")
     return np.load(paths.image, mmap_mode="r"), np.load(paths.anatomy, mmap_mode="r"), complete, boxes

@@ -14,6 +14,7 @@ from .. import catalog
 from ..imaging.storage import CasePaths
 from ..model.network import CTVLP
 from ..model.vision import N_ANATOMIES
+from ..workspace import read_parquet
 
 
 class AnatomyTexts(NamedTuple):
@@ -90,7 +91,7 @@ class CropDataset(torch.utils.data.Dataset):
         self.boxes = np.full((len(paths), m, 6), -1, dtype=np.int64)  # x0, x1, y0, y1, z0, z1 inclusive
         self.has_boxes = np.zeros(len(paths), dtype=bool)
         for i, p in enumerate(paths):
-            self.complete[i] = pl.read_parquet(p.table).sort("index")["complete"].to_numpy()
+            self.complete[i] = read_parquet(p.table).sort("index")["complete"].to_numpy()
             meta = json.loads(p.meta.read_text(encoding="utf-8"))
             counts, boxes = meta["anatomy_voxels"], meta.get("anatomy_bbox")
             self.has_boxes[i] = boxes is not None

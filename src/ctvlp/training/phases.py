@@ -36,6 +36,7 @@ from ..model.losses import (
     alignment_loss,
     calibrated_targets,
 )
+from ..workspace import read_parquet
 from .acceleration import accelerate
 from .data import CropDataset, TextBank, anatomy_texts, to_device
 from .distributed import all_sum, dist_info, gather_batch, setup_distributed
@@ -379,7 +380,7 @@ def run(phase: str, cases, reports, out_dir, cfg_model: dict | ModelConfig, cfg_
             init_from(model, init)
         model = model.to(device)
         trainable = set_trainable(model, phase)
-        case_table, report_table = pl.read_parquet(cases), pl.read_parquet(reports)
+        case_table, report_table = read_parquet(cases), read_parquet(reports)
         stride = model.vision.stride
         train_ds, train_texts, train_ids = _split_dataset(case_table, report_table, "train", cfg_train, stride,
                                                           "random", seed)
