@@ -1,9 +1,22 @@
 # ctvlp workflow: CT cohort -> anatomy segmentation -> preprocessing -> report parsing ->
 # anatomy-wise vision-language training -> zero-shot evaluation.
 # All logic lives in the `ctvlp` package; rules only call its subcommands.
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("8.0")
+
+
+# Snakemake reads config files with its own YAML loader: it expands aliases, keeps the last of
+# duplicate keys and evaluates the Python of a YTE template (a file that sets __use_yte__: true).
+# The default config file is read here first by ctvlp's strict loader, so such a file stops before
+# Snakemake evaluates any of it. A file given with --configfile Snakemake reads before this file
+# runs: common.smk refuses it the same way, after the fact.
+from ctvlp import config as _strict_config
+
+if Path("config.yaml").is_file():
+    _strict_config.check_files(["config.yaml"])
 
 
 configfile: "config.yaml"
@@ -37,6 +50,14 @@ onsuccess:
     if summary.is_file():
         print(summary.read_text())
     truth = Path(results_path("cohort/ground_truth.parquet"))
-    if truth.is_file() and pl.read_parquet(truth, columns=["case_id"]).is_empty():
-        print("No ground-truth labels in this cohort: evaluation was skipped (it needs cohort.table.label_cols "
-              f"or cohort.ctrate.labels_csv). The trained model is in {results_path('train/boost')}")
+    if truth.is_file() and workspace.read_parquet(truth, columns=["case_id"]).is_empty():
+        print("No ground-truth labels in this cohort: there is no evaluation (it needs cohort.table.label_cols "
+              "or cohort.ctrate.labels_csv).")
+    # only what this results folder holds now (a run of some targets, e.g. qc only, trains nothing)
+    outputs = [(what, results_path(path)) for what, path, marker in (
+        ("The trained model", "train/boost", "train/boost/model.safetensors"),
+        ("The model bundle (for ctvlp predict)", "model", "model/bundle.json"),
+        ("The zero-shot evaluation", "eval/zeroshot.md", "eval/zeroshot.md"),
+    ) if Path(results_path(marker)).is_file()]
+    for what, path in outputs:
+        print(f"{what}: {path}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import config as cfgmod
 from .evaluation.schema import NoLabelsError
-from .workspace import UnsafeCaseIdError, UnsafePathError
+from .workspace import UnreadableTableError, UnsafeCaseIdError, UnsafePathError
 
 log = logging.getLogger("ctvlp")
 # read by torch, MKL/OpenBLAS, polars and ITK when they start: set before any of them is imported
@@ -280,7 +280,7 @@ def main(argv=None):
     log.info("ctvlp %s on %s%s", args.command, socket.gethostname(), f" (SLURM job {job})" if job else "")
     try:
         args.func(args)
-    except (cfgmod.ConfigError, UnsafePathError, UnsafeCaseIdError, NoLabelsError) as e:
+    except (cfgmod.ConfigError, UnsafePathError, UnsafeCaseIdError, NoLabelsError, UnreadableTableError) as e:
         sys.exit(f"ctvlp {args.command}: {e}")  # the user's input, said plainly: no traceback
 
 

@@ -12,7 +12,13 @@ from ctvlp import workspace
 from ctvlp.imaging.segmentation import preflight as segment_preflight
 from ctvlp.training import launch
 
-# Fill defaults and stop at start with the offending key on any unknown key or wrong type.
+# Snakemake read the config files with its own loader (aliases expanded, the last of duplicate keys
+# kept, a YTE template evaluated): their text is read again by ctvlp's strict loader, so that the
+# workflow and `ctvlp validate-config` accept the same files (the Snakefile checked config.yaml
+# before Snakemake read it; a --configfile YTE template Snakemake has evaluated already).
+cfgmod.check_files(workflow.configfiles)
+# Fill defaults and stop at start with the offending key on any unknown key, wrong type, NaN or
+# infinity, split fractions that sum to zero or a brace in a path.
 config.update(cfgmod.validate(config))
 
 # Refuse a results folder that is /, empty, the checkout (or holds it), or someone else's non-empty
@@ -59,7 +65,7 @@ def all_shards(stage):
 
     def inner(wildcards):
         manifest = checkpoints.cohort.get().output.manifest
-        cases = pl.scan_parquet(manifest).select(pl.len()).collect().item()
+        cases = workspace.read_parquet(manifest, columns=["case_id"]).height
         return [results_path(f"shards/{stage}/{shard}.parquet") for shard in range(math.ceil(cases / config["shard_size"]))]
 
     return inner
@@ -68,7 +74,7 @@ def all_shards(stage):
 def has_labels():
     """Whether the cohort came with ground-truth labels (evaluation needs them)."""
     truth = checkpoints.cohort.get().output.ground_truth
-    return not pl.read_parquet(truth, columns=["case_id"]).is_empty()
+    return not workspace.read_parquet(truth, columns=["case_id"]).is_empty()
 
 
 def final_targets(wildcards):
