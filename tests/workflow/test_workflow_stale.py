@@ -27,12 +27,12 @@ def _nifti(arr, affine, path, dtype):
     nib.save(img, str(path))
 
 
-def _statuses(wd, since_ns: int = 0) -> dict[str, dict[str, str]]:
+def _statuses(wd, since_ns: int = 0, results: str = "results") -> dict[str, dict[str, str]]:
     """{stage: {case: status}} over the shard tables written after ``since_ns`` (the shard jobs
     that ran; a shard whose inputs did not change is not run at all)."""
     out = {}
     for stage in ("segment", "preprocessed"):
-        tables = [pl.read_parquet(p) for p in sorted((wd / "results/shards" / stage).glob("*.parquet"))
+        tables = [pl.read_parquet(p) for p in sorted((wd / results / "shards" / stage).glob("*.parquet"))
                   if p.stat().st_mtime_ns > since_ns]
         out[stage] = dict(zip(*pl.concat(tables).select("case_id", "status").to_dict(as_series=False).values())) \
             if tables else {}
@@ -132,3 +132,33 @@ def test_a_mask_replaced_in_place_is_redone_even_with_its_mtime_kept_under_force
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     status = _statuses(wd, since)
     assert status["segment"] == status["preprocessed"] == {"b": "reused", "c": "done", "d": "reused"}
+
+
+def test_ctrate_a_precomputed_segmentation_replaced_in_place_reruns_only_its_shard(tmp_path):
+    """CT-RATE as downloaded (config.ctrate.yaml) with precomputed segmentations: the shard rules'
+    params hold their files' size and mtime, so exactly the shard of a changed file runs again."""
+    from test_workflow_ctrate import CONFIG, overlay
+
+    import ctrate_fixture
+
+    why = ctrate_fixture.available()
+    if why:
+        pytest.skip(why)
+    ctrate_fixture.build(tmp_path / "CT-RATE", tmp_path / "seg")
+    (tmp_path / "config.yaml").write_text(CONFIG.read_text(encoding="utf-8").replace("/data/CT-RATE",
+                                                                                    str(tmp_path / "CT-RATE")))
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay(tmp_path / "seg")))
+    target = ["results_ctrate/qc/cases.parquet", "--configfile", str(tmp_path / "overlay.yaml")]
+    out = snakemake(tmp_path, *target)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert planned_jobs(tmp_path, *target) == {}
+    seg = min((tmp_path / "seg").glob("*.nii.gz"))
+    seg.write_bytes(seg.read_bytes())  # rewritten in place: same bytes, new mtime
+    assert planned_jobs(tmp_path, *target) == {"segment": 1, "preprocess": 1, "qc": 1}
+    since = time.time_ns()
+    out = snakemake(tmp_path, *target)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    status = _statuses(tmp_path, since, "results_ctrate")["segment"]
+    changed = seg.name.removesuffix(".nii.gz")
+    assert status[changed] == "done" and len(status) > 1
+    assert {s for c, s in status.items() if c != changed} == {"reused"}
