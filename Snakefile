@@ -39,12 +39,27 @@ rule all:
     default_target: True
 
 
+# One workflow run per results folder (ctvlp.runlock): its lock lives in the results folder, not in
+# this checkout's .snakemake. A run takes it at start, before any job, and stops there naming the
+# holder when another live run holds it; -n, --report and --unlock take none and only warn here.
+import sys as _sys
+
+from ctvlp import runlock as _runlock
+
+_lock_warning = _runlock.warning_if_held(config["results"])
+if _lock_warning:
+    print(f"Warning: {_lock_warning}", file=_sys.stderr)
+
+
 onstart:
+    # this run's lock on the results folder, its token exported to the jobs (before anything is written)
+    take_run_lock()
     # the results folder (checked above, marked as ctvlp's now) and the run's config for the stages
     write_run_config()
 
 
 onsuccess:
+    _runlock.release_for_workflow(config["results"])  # the results folder's lock (taken in onstart)
     # the data QC summary: how many cases went on, and each exclusion with its reason
     summary = Path(results_path("qc/summary.md"))
     if summary.is_file():
@@ -61,3 +76,7 @@ onsuccess:
     ) if Path(results_path(marker)).is_file()]
     for what, path in outputs:
         print(f"{what}: {path}")
+
+
+onerror:
+    _runlock.release_for_workflow(config["results"])  # the results folder's lock (taken in onstart)

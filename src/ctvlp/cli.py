@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from . import config as cfgmod
+from . import runlock
 from .evaluation.schema import NoLabelsError
 from .workspace import UnreadableTableError, UnsafeCaseIdError, UnsafePathError
 
@@ -181,6 +182,12 @@ def cmd_bundle(args):
              content["text_model"]["name"], content["text_model"]["sha256"][:16])
 
 
+def cmd_unlock(args):
+    held = runlock.unlock(args.results)
+    print(f"removed the lock of {args.results}: {runlock.describe(held, args.results)}" if held is not None
+          else f"{args.results} holds no lock")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctvlp", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -268,6 +275,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", default=None,
                    help="results/eval/zeroshot.csv: thresholds and prompt style chosen on validation (leave out "
                         "when the cohort has no labels: a bundle without thresholds)")
+    p = add("unlock", cmd_unlock, "remove the lock of a results folder left by a workflow run that is gone "
+            "(needed when it ran on another host; a dead run on this host is taken over by itself)", "--results")
     return parser
 
 
@@ -279,8 +288,11 @@ def main(argv=None):
     job = os.environ.get("SLURM_JOB_ID")
     log.info("ctvlp %s on %s%s", args.command, socket.gethostname(), f" (SLURM job {job})" if job else "")
     try:
+        if args.command not in ("validate-config", "unlock"):  # one workflow run per results folder
+            runlock.check([getattr(args, name, None) for name in ("out", "out_dir", "out_root", "table")])
         args.func(args)
-    except (cfgmod.ConfigError, UnsafePathError, UnsafeCaseIdError, NoLabelsError, UnreadableTableError) as e:
+    except (cfgmod.ConfigError, UnsafePathError, UnsafeCaseIdError, NoLabelsError, UnreadableTableError,
+            runlock.RunLockedError) as e:
         sys.exit(f"ctvlp {args.command}: {e}")  # the user's input, said plainly: no traceback
 
 

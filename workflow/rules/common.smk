@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from ctvlp import config as cfgmod
+from ctvlp import runlock
 from ctvlp import workspace
 from ctvlp.imaging.segmentation import preflight as segment_preflight
 from ctvlp.training import launch
@@ -45,6 +46,13 @@ def write_run_config():
     workspace.prepare_results(config["results"], protected=[workflow.basedir, os.getcwd()],
                               force=config["results_force"])
     cfgmod.snapshot(config, CONFIG_FILE.parent)
+
+
+def take_run_lock():
+    """onstart: this run's lock on the results folder (ctvlp.runlock), its token exported to the jobs."""
+    results = workspace.prepare_results(config["results"], protected=[workflow.basedir, os.getcwd()],
+                                        force=config["results_force"])
+    runlock.acquire_for_workflow(results, checkout=workflow.basedir)
 
 
 def results_path(path):
