@@ -61,6 +61,8 @@ def test_a_lock_of_a_dead_process_is_taken_over_with_a_message(results, capsys):
     dead = _dead_pid()
     _write_lock(results, pid=dead)
     assert runlock.state(runlock.read(results)) == "dead"
+    for bogus in (0, -1, "x", None):
+        assert runlock.state({**runlock.read(results), "pid": bogus}) == "dead"
     info = runlock.acquire(results)
     assert info["pid"] == os.getpid()
     assert json.loads(runlock.lock_path(results).read_text())["token"] == info["token"]

@@ -116,6 +116,8 @@ def state(info: dict, path: Path | None = None) -> str:
         return "remote"
     try:
         pid = int(info["pid"])
+        if pid <= 0:  # os.kill would signal a process group
+            return "dead"
         os.kill(pid, 0)
     except (ValueError, TypeError, OverflowError, ProcessLookupError):
         return "dead"
