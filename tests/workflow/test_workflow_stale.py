@@ -1,6 +1,7 @@
 """Stale inputs in the workflow: an image replaced in place (same geometry, other voxels) is made
 again by a plain `snakemake`, and only that case; a row added to the table re-runs the cohort and
-only the new case is processed. The other cases are "reused" in the shard tables."""
+only the new case is processed. The other cases are "reused" in the shard tables. A case with a 2D
+mask sits in a shard all along: excluded with its reason, its shard's other case made."""
 
 import os
 import time
@@ -64,6 +65,8 @@ def run(tmp_path_factory):
         cases[name] = case
     rows = [{"case_id": n, "image": f"{n}.nii.gz", "mask": f"{n}_mask.nii.gz", "report": cases[n].report}
             for n in ("a", "b", "c")]
+    _nifti(cases["a"].mask[:, :, 60], cases["a"].affine, data / "z_mask2d.nii.gz", np.uint8)  # a 2D mask
+    rows.append({"case_id": "z", "image": "a.nii.gz", "mask": "z_mask2d.nii.gz", "report": cases["a"].report})
     pl.DataFrame(rows).write_csv(data / "cohort.csv")
     config = {"results": "results", "shard_size": 2,
               "cohort": {"source": "table", "split": [1.0, 0.0, 0.0],
@@ -76,7 +79,10 @@ def run(tmp_path_factory):
 
 def test_an_image_replaced_in_place_is_redone_by_a_plain_rerun_and_only_it(run):
     wd, data, case = run["wd"], run["data"], run["cases"]["b"]
-    assert _statuses(wd)["segment"] == {"a": "done", "b": "done", "c": "done"}
+    assert _statuses(wd)["segment"] == {"a": "done", "b": "done", "c": "done", "z": "excluded"}  # [a, b], [c, z]
+    excluded = pl.read_parquet(wd / "results/qc/excluded.parquet")
+    reason = excluded.filter(pl.col("case_id") == "z")["reason"].item()
+    assert "z_mask2d.nii.gz is 2D" in reason and "its image is 3D" in reason
     assert planned_jobs(wd, TARGET) == {}
     before, made = np.load(wd / "results/preprocessed/b/image.npy"), _made(wd)
     since = time.time_ns()
@@ -86,8 +92,8 @@ def test_an_image_replaced_in_place_is_redone_by_a_plain_rerun_and_only_it(run):
     _nifti(changed, case.affine, data / "b.nii.gz", np.int16)
     assert planned_jobs(wd, TARGET)  # the plain rerun has something to do
     _run(wd)
-    status = _statuses(wd, since)  # only b's shard ran ([a], [b, c]): c reused, a's shard not even started
-    assert status["segment"] == status["preprocessed"] == {"b": "done", "c": "reused"}
+    status = _statuses(wd, since)  # only b's shard ran: a reused, the shard [c, z] not even started
+    assert status["segment"] == status["preprocessed"] == {"a": "reused", "b": "done"}
     assert not np.array_equal(np.load(wd / "results/preprocessed/b/image.npy"), before)
     now = _made(wd)
     assert {c for c in made if now[c] != made[c]} == {"b"}
@@ -103,8 +109,9 @@ def test_a_row_added_to_the_table_reruns_the_cohort_and_only_the_new_case(run):
     assert "cohort" in planned_jobs(wd, TARGET)
     out = _run(wd)
     assert "checkpoint cohort" in out
-    status = _statuses(wd, since)  # shards [a, b] and [c, d] now: both ran, only d was made
-    assert status["segment"] == status["preprocessed"] == {"a": "reused", "b": "reused", "c": "reused", "d": "done"}
+    status = _statuses(wd, since)  # shards [a], [b, c], [d, z] now: all ran, only d was made
+    assert status["segment"] == status["preprocessed"] == {"a": "reused", "b": "reused", "c": "reused", "d": "done",
+                                                           "z": "excluded"}
     assert pl.read_parquet(wd / TARGET)["case_id"].sort().to_list() == ["a", "b", "c", "d"]
     now = _made(wd)
     assert {c for c in now if now[c] != made.get(c)} == {"d"}
@@ -113,7 +120,7 @@ def test_a_row_added_to_the_table_reruns_the_cohort_and_only_the_new_case(run):
     time.sleep(0.05)
     pl.DataFrame(rows[1:]).write_csv(data / "cohort.csv")
     _run(wd)
-    assert set(_statuses(wd, since)["segment"].values()) <= {"reused"}
+    assert set(_statuses(wd, since)["segment"].values()) <= {"reused", "excluded"}
     assert pl.read_parquet(wd / TARGET)["case_id"].sort().to_list() == ["b", "c", "d"]
     assert _made(wd) == made
     assert planned_jobs(wd, TARGET) == {}
@@ -131,7 +138,7 @@ def test_a_mask_replaced_in_place_is_redone_even_with_its_mtime_kept_under_force
     out = snakemake(wd, TARGET, "--forcerun", "segment", "preprocess")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     status = _statuses(wd, since)
-    assert status["segment"] == status["preprocessed"] == {"b": "reused", "c": "done", "d": "reused"}
+    assert status["segment"] == status["preprocessed"] == {"b": "reused", "c": "done", "d": "reused", "z": "excluded"}
 
 
 def test_ctrate_a_precomputed_segmentation_replaced_in_place_reruns_only_its_shard(tmp_path):
