@@ -117,6 +117,22 @@ def test_a_dead_holders_lock_is_taken_over_and_the_runs_own_jobs_pass(two_checko
         assert "held by this workflow run" in (results / "logs" / log).read_text(), log
     assert (results / "qc/summary.md").is_file()
     assert not path.exists()  # released at the end
+    # the finished run's report: made while no run holds the folder; while one does, made with a warning
+    out = snakemake(wd1, "--report", str(results.parent / "report.html"), str(results / "qc/summary.md"))
+    assert out.returncode == 0 and "Warning: results folder" not in out.stderr, out.stderr[-3000:]
+    assert (results.parent / "report.html").stat().st_size > 0
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(results)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        held = runlock.read(results)
+        report = snakemake(wd1, "--report", str(results.parent / "report2.html"), str(results / "qc/summary.md"))
+        assert runlock.read(results) == held
+    finally:
+        proc.kill()
+        proc.wait()
+        path.unlink(missing_ok=True)
+    assert report.returncode == 0 and f"PID {proc.pid}" in report.stderr, report.stderr[-3000:]
+    assert (results.parent / "report2.html").stat().st_size > 0
 
 
 
