@@ -70,3 +70,28 @@ def test_the_schema_ships_as_package_data():
     text = resources.files("ctvlp").joinpath("config.schema.yaml").read_text(encoding="utf-8")
     assert yaml.safe_load(text) == config.load_schema()
     assert "config.schema.yaml" in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+
+
+def test_the_workflow_and_validate_config_read_the_repository_configs_alike():
+    """Snakemake's own loader (the workflow's config) and ctvlp's strict loader give the same data
+    for every config in the repository, so the strict check refuses only what it should."""
+    from snakemake.common.configfile import load_configfile
+
+    for path in [REPO / "config.yaml", *REPO.glob("config.*.yaml"), REPO / ".test" / "config.yaml"]:
+        assert config.read_file(path) == load_configfile(str(path)), path
+        assert config.validate(load_configfile(str(path))) == config.load(path), path
+
+
+@pytest.mark.parametrize("text, words", [
+    ("train: {epochs: 3}\ntrain: {lr: 0.1}\n", "'train' appears twice .*lines 1 and 2"),
+    ("seed: &s 1\nshard_size: *s\n", "line 1: YAML anchor &s"),
+    ("__use_yte__: true\n", "__use_yte__"),
+    ("preprocess: {spacing: [1.0, .nan, 1.0]}\n", r"preprocess.spacing\[1\]"),
+    ("cohort: {split: [0, 0, 0]}\n", "cohort.split"),
+    ("results: 'a/{b}'\n", "'results': .*brace"),
+])
+def test_cli_validate_config_refuses_what_the_workflow_refuses(tmp_path, text, words):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=words):
+        cli.main(["validate-config", "--config", str(path)])

@@ -238,3 +238,27 @@ def test_ctrate_volume_already_in_hu_is_not_rescaled_twice(ctrate_dir, tmp_path)
     assert -1100 < meta["hu_stats"]["p1"] < -800  # lung / air of the real chest CT
     with pytest.raises(CaseExcluded, match="applied twice"):
         preprocess.preprocess_case(case, tmp_path / "anat.nii.gz", {**cfg, "hu": "rescale"}, tmp_path / "forced")
+
+
+def test_ctrate_label_cells_must_be_0_1_or_empty(ctrate_dir):
+    """A CT-RATE label cell of 0.9, 2 or 1e400 leaves its case without ground truth, naming the CSV
+    line, column and value; a report over 128 KiB (csv's default field limit) is read."""
+    root, csv = ctrate_dir
+    labels = pl.read_csv(csv / "labels.csv", infer_schema=False)
+    col = LABELS[3]
+    bad = {"train_1_a_1.nii.gz": "0.9", "train_3_a_1.nii.gz": "2", "valid_5_a_1.nii.gz": "1e400"}
+    labels = labels.with_columns(pl.col("VolumeName").replace_strict(bad, default=pl.col(col)).alias(col))
+    labels.write_csv(csv / "labels.csv")
+    lines = {name: i + 2 for i, name in enumerate(labels["VolumeName"])}
+    reports = pl.read_csv(csv / "reports.csv", infer_schema=False)
+    long = "The liver is normal. " * 8000  # 168 kB
+    reports.with_columns(pl.when(pl.col("VolumeName") == "train_7_a_1.nii.gz").then(pl.lit(long))
+                         .otherwise(pl.col("Findings_EN")).alias("Findings_EN")).write_csv(csv / "reports.csv")
+    man, gt, exc = ctrate.ingest(root, csv / "metadata.csv", csv / "reports.csv", csv / "labels.csv")
+    assert long.strip() in man.filter(pl.col("case_id") == "train_7_a_1")["report_text"].item()
+    for name, value in bad.items():
+        case = name.removesuffix(".nii.gz")
+        assert case in set(man["case_id"]) and case not in set(gt["case_id"])
+        reason = exc.filter((pl.col("case_id") == case) & (pl.col("stage") == schema.GROUND_TRUTH))["reason"].item()
+        assert f"labels.csv line {lines[name]}" in reason and repr(col) in reason and repr(value) in reason
+    assert set(gt["label"].unique()) <= {0, 1}
