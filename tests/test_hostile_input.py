@@ -331,8 +331,10 @@ def test_a_broken_model_folder_is_refused_before_allocation(tmp_path, content, w
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(config.ConfigError, match=words):
         model_io.load_model(tmp_path)
+    run_config = tmp_path / "run.yaml"  # a model folder without bundle.json needs the run's config
+    run_config.write_text("train: {device: cpu}\n")
     with pytest.raises(SystemExit, match=words):  # the CLI says it plainly, no traceback
-        cli.main(["predict", "scan.nii.gz", "--model", str(tmp_path), "--device", "cpu"])
+        cli.main(["predict", "scan.nii.gz", "--model", str(tmp_path), "--config", str(run_config), "--device", "cpu"])
 
 
 # ---- training on a bad case ---------------------------------------------------------------------
