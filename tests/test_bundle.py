@@ -24,7 +24,6 @@ from ctvlp import config as cfgmod
 from ctvlp.model.io import load_model as load_weights
 from ctvlp.model.text import default_text_model
 from ctvlp.model.zeroshot import disease_scores
-from ctvlp.predict import score_diseases
 from ctvlp.training.phases import run as train_phase
 
 MODEL = {"widths": [4, 8, 8, 16], "embed_dim": 16, "heads": 2, "text_max_length": 32, "token_stage": 3,
@@ -218,7 +217,7 @@ def test_without_labels_the_bundle_has_no_thresholds(run, tmp_path):
 def test_the_bundles_prompts_score_as_the_catalogs(run):
     model = load_weights(run["model"], "cpu")
     emb = torch.nn.functional.normalize(torch.randn(3, len(catalog.anatomies()), 16), dim=-1)
-    ours = list(score_diseases(model, emb, bundle.diseases_of(run["content"]), "presence"))
+    ours = list(disease_scores(model, emb, bundle.diseases_of(run["content"]), "presence"))
     theirs = list(disease_scores(model, emb, "demo", "presence"))
     assert [d.id for d, _ in ours] == [d.id for d, _ in theirs] and len(ours) > 5
     for (_, a), (_, b) in zip(ours, theirs):

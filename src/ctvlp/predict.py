@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 
 from . import bundle as bundlemod
 from . import catalog
@@ -35,30 +34,11 @@ from .imaging.preprocess import preprocess_case
 from .imaging.segment import segment_case
 from .model.io import load_model as load_weights
 from .model.io import pick_device
-from .model.zeroshot import prompt_embedding, zero_shot_scores
+from .model.zeroshot import disease_scores
 from .workspace import case_id_problem, slug
 
 log = logging.getLogger(__name__)
 read_thresholds = bundlemod.read_thresholds  # the evaluate stage's zeroshot.csv
-
-
-@torch.no_grad()
-def score_diseases(model, emb: torch.Tensor, diseases, style: str | None = None):
-    """Yield (disease, P(positive) per row) for every zero-shot disease of ``diseases`` (catalog
-    entries, e.g. a bundle's); emb (N, M, D). As ``model.zeroshot.disease_scores``, which reads
-    the installed catalog by name."""
-    for d in diseases:
-        if not d.zero_shot:
-            continue
-        j = catalog.anatomy_by_name(d.anatomy).index - 1
-        positive, negative = d.prompts_of(style)
-        if model.vis_global is not None:
-            pos = F.normalize(model.encode_report_global(list(positive)).mean(0), dim=-1)
-            neg = F.normalize(model.encode_report_global(list(negative)).mean(0), dim=-1)
-        else:
-            pos = prompt_embedding(model, positive, j)
-            neg = prompt_embedding(model, negative, j)
-        yield d, zero_shot_scores(emb[:, j], pos, neg, model.logit_scale).float().cpu().numpy()
 
 
 class Predictor:
@@ -93,7 +73,7 @@ class Predictor:
         complete = table.sort("index")["complete"].to_numpy()
         emb = embed_volume(self.model, img, anat, complete, meta["anatomy_bbox"], self.device, crop_size(s))
         rows = []
-        for d, scores in score_diseases(self.model, torch.from_numpy(emb)[None].to(self.device), self.diseases,
+        for d, scores in disease_scores(self.model, torch.from_numpy(emb)[None].to(self.device), self.diseases,
                                         self.prompt_style):
             ok = bool(complete[catalog.anatomy_by_name(d.anatomy).index - 1])
             thr = self.thresholds.get(d.id)

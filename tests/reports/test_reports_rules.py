@@ -5,6 +5,7 @@ Every example sentence here is written for these tests; none is taken from a rea
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -499,7 +500,8 @@ HEADER = ["AccessionNo", "report_text"] + [name for _, name in CTRATE_COLUMNS]
 
 def _run_benchmark(csv: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCHMARK), "--csv", str(csv), *extra],
-                          capture_output=True, text=True, timeout=600, check=True)
+                          capture_output=True, text=True, encoding="utf-8", timeout=600, check=True,
+                          env={**os.environ, "PYTHONUTF8": "1"})  # its tables are drawn with box characters
 
 
 def test_benchmark_on_handwritten_csv(tmp_path):

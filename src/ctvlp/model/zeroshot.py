@@ -32,10 +32,11 @@ def prompt_styles(disease_catalog: str) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def disease_scores(model, emb: torch.Tensor, disease_catalog: str, style: str | None = None):
-    """Yield (disease, P(positive) per row) for every zero-shot disease; emb (N, M, D). The prompts
-    are the disease's ensemble of ``style`` (default: the catalog's first style)."""
-    for d in catalog.diseases(disease_catalog):
+def disease_scores(model, emb: torch.Tensor, diseases, style: str | None = None):
+    """Yield (disease, P(positive) per row) for every zero-shot disease; emb (N, M, D). ``diseases``:
+    a catalog name, or catalog entries (e.g. a model bundle's recorded ones). The prompts are the
+    disease's ensemble of ``style`` (default: the catalog's first style)."""
+    for d in catalog.diseases(diseases) if isinstance(diseases, str) else diseases:
         if not d.zero_shot:
             continue
         j = catalog.anatomy_by_name(d.anatomy).index - 1
