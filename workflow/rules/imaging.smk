@@ -47,7 +47,7 @@ rule segment:
         gpu=SEGMENT_GPU,
         runtime=lambda w, attempt: attempt * (30 + config["shard_size"] * (10 if SEGMENT_GPU else 2)),
     conda:
-        "../../envs/imaging.yaml"
+        "../../envs/segment_totalseg.yaml" if config["segment"]["backend"] == "totalsegmentator" else "../../envs/imaging.yaml"
     shell:
         "ctvlp segment --config {params.config_file:q} --sections {params.sections} --threads {threads}"
         " --manifest {input.manifest:q} --shard {wildcards.shard} --shard-size {params.shard_size}"
