@@ -76,6 +76,11 @@ onsuccess:
     ) if Path(results_path(marker)).is_file()]
     for what, path in outputs:
         print(f"{what}: {path}")
+    # the headline result, the excluded cases and the report (ctvlp.summary: what the folder holds)
+    from ctvlp.summary import run_summary as _run_summary
+
+    _given = [str(f) for f in workflow.overwrite_configfiles or ()]
+    print("\n".join(_run_summary(config["results"], configfile=" ".join(_given) or None)))
 
 
 onerror:

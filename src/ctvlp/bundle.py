@@ -48,6 +48,7 @@ import yaml
 
 from . import catalog
 from . import config as cfgmod
+from .workspace import atomic_write, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +190,7 @@ def _copy(src: Path, dst: Path) -> None:
     """``src`` to ``dst`` through a temporary file in the same folder: complete or absent."""
     if dst.exists() and os.path.samefile(src, dst):
         return
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def build(settings: dict, model_dir: str | Path, thresholds: str | Path | None = None) -> dict:
@@ -252,11 +248,7 @@ def write(settings: dict, model_dir: str | Path, out_dir: str | Path, thresholds
     for name, key in ((WEIGHTS, "sha256"), (CONFIG, "config_sha256")):  # the copies are what the bundle names
         if file_sha256(out / name) != content["weights"][key]:
             raise BundleError(f"{model_dir / name} changed while it was being bundled; run ctvlp bundle again")
-    path = out / FILE
-    tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out / FILE, json.dumps(content, indent=1))
 
 
 # ---- reading and checking ------------------------------------------------------------------------

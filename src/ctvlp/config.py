@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 
 import jsonschema
 import yaml
+
+from .workspace import write_text_atomic
 
 SCHEMA = "config.schema.yaml"  # package data
 # keys whose values are never shown in an error message: a user may have pasted a secret there
@@ -475,7 +476,5 @@ def snapshot(config: dict, folder: str | Path) -> Path:
     path = folder / f"{digest(config)[:16]}.json"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(redact_config(config), indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(redact_config(config), indent=1, sort_keys=True))
     return path

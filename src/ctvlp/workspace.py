@@ -16,6 +16,9 @@ this module, so that hostile or careless input cannot reach outside the results 
 - ``replace_dir`` / ``remove_tree`` delete only inside a marked results folder; per-case outputs
   are written into a temporary sibling and renamed into place, so a case folder exists only when
   complete.
+- ``atomic_write(path, writer)`` is the one way a file that must appear complete is written
+  (tables, the model's weights and checkpoints, bundle.json, config snapshots): through a
+  temporary file beside it, fsynced, renamed over ``path``, and the folder fsynced.
 - ``read_parquet(path)`` reads one of the workflow's own tables; a missing or damaged one fails
   naming the file and the rule that writes it (``snakemake --forcerun RULE`` repairs the run).
 """
@@ -28,7 +31,7 @@ import os
 import re
 import shutil
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 MARKER = ".ctvlp-results"
@@ -247,15 +250,46 @@ def replace_dir(final) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)  # the checked old content, renamed by us
 
 
-def write_parquet_atomic(table, path) -> Path:
-    """Write the polars ``table`` to ``path`` through a temporary file beside it and one rename:
-    readers see the old file or the complete new one, never a half-written table."""
+def fsync_dir(folder) -> None:
+    """Make the entries of ``folder`` (a rename into it) durable; a no-op where folders cannot be
+    opened (Windows) or synced."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path, writer: Callable[[Path], object]) -> Path:
+    """Write ``path`` complete or not at all: ``writer(tmp)`` writes a temporary file beside it
+    (``.<name>.<pid>.tmp``, same folder, so the rename stays on one file system); the file is
+    fsynced, renamed over ``path`` and the folder fsynced, so after a crash or a kill readers see
+    the old file or the complete new one. The temporary file is removed when anything fails.
+    The folder must exist (a missing one is an error, not created here)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.write_parquet(tmp)
-    os.replace(tmp, path)
+    try:
+        writer(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
     return path
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """``atomic_write`` of UTF-8 ``text``."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_parquet_atomic(table, path) -> Path:
+    """``atomic_write`` of the polars ``table`` as Parquet (its folder made first): readers never see
+    a half-written table."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, table.write_parquet)
 
 
 # ---- reading the workflow's own tables -------------------------------------------------------

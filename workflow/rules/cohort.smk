@@ -83,4 +83,4 @@ checkpoint cohort:
         "../../envs/imaging.yaml"
     shell:
         "ctvlp cohort --config {params.config_file:q} --sections {params.sections} --threads {threads}"
-        " --out {params.out:q} > {log:q} 2>&1"
+        " --out {params.out:q} --progress-fd 3 3>&2 > {log:q} 2>&1"

@@ -35,7 +35,7 @@ rule evaluate_zeroshot:
     shell:
         "ctvlp evaluate --config {params.config_file:q} --sections {params.sections} --threads {threads}"
         " --model {params.model_dir:q} --cases {input.cases:q} --ground-truth {input.ground_truth:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --out-dir {params.out_dir:q} --progress-fd 3 3>&2 > {log:q} 2>&1"
 
 
 rule linear_probe:
@@ -69,7 +69,7 @@ rule linear_probe:
     shell:
         "ctvlp linear-probe --config {params.config_file:q} --sections {params.sections} --threads {threads}"
         " --model {params.model_dir:q} --cases {input.cases:q} --reports {input.reports:q}"
-        " --ground-truth {input.ground_truth:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --ground-truth {input.ground_truth:q} --out-dir {params.out_dir:q} --progress-fd 3 3>&2 > {log:q} 2>&1"
 
 
 rule figures:
@@ -105,7 +105,7 @@ rule figures:
     shell:
         "ctvlp figures --config {params.config_file:q} --sections {params.sections} --threads {threads}"
         " --model {params.model_dir:q} --baseline-model {params.baseline_dir:q} --predictions {input.predictions:q}"
-        " --cases {input.cases:q} --ground-truth {input.ground_truth:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --cases {input.cases:q} --ground-truth {input.ground_truth:q} --out-dir {params.out_dir:q} --progress-fd 3 3>&2 > {log:q} 2>&1"
 
 
 ABLATION_VARIANTS = {"clip": "eval/ablation/clip", "fvlm": "eval/ablation/fvlm", "fvlm_icl": "eval/ablation/fvlm_icl",
@@ -133,7 +133,7 @@ rule ablation:
         "../../envs/train.yaml"
     shell:
         "ctvlp ablation --config {params.config_file:q} --sections {params.sections} --threads {threads}"
-        " {params.variants} --out {output.table:q} > {log:q} 2>&1"
+        " {params.variants} --out {output.table:q} --progress-fd 3 3>&2 > {log:q} 2>&1"
 
 
 # The self-contained model `ctvlp predict --model results/model SCAN` runs without a config: the
@@ -170,4 +170,4 @@ rule bundle:
         "../../envs/train.yaml"
     shell:
         "ctvlp bundle --config {params.config_file:q} --sections {params.sections} --threads {threads}"
-        " --model {params.model_dir:q} {params.thresholds} --out {params.out_dir:q} > {log:q} 2>&1"
+        " --model {params.model_dir:q} {params.thresholds} --out {params.out_dir:q} --progress-fd 3 3>&2 > {log:q} 2>&1"

@@ -51,7 +51,7 @@ rule segment:
     shell:
         "ctvlp segment --config {params.config_file:q} --sections {params.sections} --threads {threads}"
         " --manifest {input.manifest:q} --shard {wildcards.shard} --shard-size {params.shard_size}"
-        " --out-root {params.out_root:q} --table {output:q} > {log:q} 2>&1"
+        " --out-root {params.out_root:q} --table {output:q} --progress-fd 3 3>&2 > {log:q} 2>&1"
 
 
 rule preprocess:
@@ -79,7 +79,7 @@ rule preprocess:
     shell:
         "ctvlp preprocess --config {params.config_file:q} --sections {params.sections} --threads {threads}"
         " --manifest {input.manifest:q} --shard {wildcards.shard} --shard-size {params.shard_size}"
-        " --out-root {params.out_root:q} --segment-root {params.segment_root:q} --table {output:q} > {log:q} 2>&1"
+        " --out-root {params.out_root:q} --segment-root {params.segment_root:q} --table {output:q} --progress-fd 3 3>&2 > {log:q} 2>&1"
 
 
 rule qc:
@@ -109,4 +109,4 @@ rule qc:
     shell:
         "ctvlp qc --config {params.config_file:q} --sections {params.sections} --threads {threads}"
         " --manifest {input.manifest:q} --cohort-exclusions {input.exclusions:q} --segment-root {params.segment_root:q}"
-        " --preprocessed-root {params.preprocessed_root:q} --out {params.out:q} > {log:q} 2>&1"
+        " --preprocessed-root {params.preprocessed_root:q} --out {params.out:q} --progress-fd 3 3>&2 > {log:q} 2>&1"

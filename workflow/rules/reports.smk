@@ -20,4 +20,4 @@ rule reports:
         "../../envs/reports.yaml"
     shell:
         "ctvlp reports --config {params.config_file:q} --sections {params.sections} --threads {threads}"
-        " --manifest {input.manifest:q} --out {output:q} > {log:q} 2>&1"
+        " --manifest {input.manifest:q} --out {output:q} --progress-fd 3 3>&2 > {log:q} 2>&1"

@@ -40,4 +40,4 @@ rule train:
     shell:
         "{params.launch} train --phase {wildcards.phase} --config {params.config_file:q} --sections {params.sections}"
         " --threads {threads} --cases {input.cases:q} --reports {input.reports:q} --out-dir {params.out_dir:q}"
-        " {params.init} --contrast {params.contrast} > {log:q} 2>&1"
+        " {params.init} --contrast {params.contrast} --progress-fd 3 3>&2 > {log:q} 2>&1"

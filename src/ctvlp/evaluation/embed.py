@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from .. import catalog
+from .. import catalog, progress
 from ..imaging.storage import CasePaths, load_case
 from ..model.vision import pad_to_multiple
 
@@ -66,7 +65,7 @@ def embed_volume(model, img, anat, complete, boxes: dict, device, crop_size=None
 def embed_cases(model, cases: list[CasePaths], device, crop_size=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Anatomy embeddings per case: (M, D) array and (M,) evaluable flags (complete in the scan)."""
     out = {}
-    for paths in tqdm(cases, desc="embed", unit="case"):
+    for paths in progress.lines(cases, len(cases), "embed", "case"):
         img, anat, complete, boxes = load_case(paths)
         out[paths.case_id] = (embed_volume(model, img, anat, complete, boxes, device, crop_size), complete)
     return out

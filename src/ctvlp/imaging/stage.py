@@ -43,6 +43,7 @@ from pathlib import Path
 
 import polars as pl
 
+from .. import progress
 from ..cohort.schema import PREPROCESS, SEGMENT
 from ..config import digest
 from ..workspace import check_case_id, read_parquet, replace_dir, write_parquet_atomic
@@ -312,7 +313,8 @@ def run_shard(stage: str, manifest, shard: int, shard_size: int, settings: dict,
     table = pl.DataFrame(rows, schema=SHARD_SCHEMA)
     write_parquet_atomic(table, table_out)
     counts = dict(table.group_by("status").len().iter_rows())
-    log.info("%s shard %d: %d cases in %.1f s (%s)", stage, shard, len(cases), time.perf_counter() - start, counts)
+    progress.log.info("%s shard %d done: %d cases in %.1f s (%s)", stage, shard, len(cases), time.perf_counter() - start,
+                      ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return table
 
 

@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError
+from ..workspace import atomic_write
 from .config import ModelConfig
 from .network import CTVLP
 
@@ -44,19 +43,8 @@ def load_model_state(model: torch.nn.Module, state: dict, where):
 
 
 def atomic_save(tensors: dict, path: Path, metadata: dict | None = None):
-    """Write to a temporary file in the same folder, fsync, rename over `path`: complete or absent."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+    """Save ``tensors`` as safetensors at ``path``, complete or absent (``workspace.atomic_write``)."""
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_model(model: CTVLP, out_dir, extra: dict) -> None:

@@ -503,9 +503,9 @@ def parse_reports(cases: pl.DataFrame, catalog: str = "demo", *, progress: bool 
     rows: list[dict] = []
     it = cases.select("case_id", "report_text").iter_rows()
     if progress:
-        from tqdm import tqdm
+        from ..progress import lines
 
-        it = tqdm(it, total=cases.height, desc="reports", unit="report")
+        it = lines(it, cases.height, "reports", "report")
     for case_id, text in it:
         for r in parse_report(text, diseases):
             r["case_id"] = str(case_id)

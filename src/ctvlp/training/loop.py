@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from tqdm import tqdm
 
+from .. import progress
 from ..config import digest
 from ..model.io import atomic_save, load_model_state, model_state
 from .checkpoint import (
@@ -277,6 +277,14 @@ class _Pending:
         self.phase, self.ckpt, self.samples, self.writer = phase, ckpt, samples_per_step, writer
         self.rows: list[dict] = []
         self.tick = time.perf_counter()
+        self.epoch_loss, self.epoch_steps, self.epoch_seconds = 0.0, 0, 0.0  # for the epoch's progress line
+
+    def end_epoch(self) -> tuple[float, float]:
+        """(mean training loss, samples/s) of the steps flushed since the last call; starts the next epoch."""
+        loss = self.epoch_loss / self.epoch_steps if self.epoch_steps else math.nan
+        rate = self.samples * self.epoch_steps / self.epoch_seconds if self.epoch_seconds else math.nan
+        self.epoch_loss, self.epoch_steps, self.epoch_seconds = 0.0, 0, 0.0
+        return loss, rate
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -292,6 +300,7 @@ class _Pending:
                 r[k] = v
         now = time.perf_counter()
         rate = self.samples * len(self.rows) / (now - self.tick)
+        self.epoch_seconds += now - self.tick
         self.tick = now
         for n, row in enumerate(self.rows):
             if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
@@ -307,6 +316,8 @@ class _Pending:
             record({"step": row["step"], "epoch": row["epoch"], "split": "train", "loss": f"{row['loss']:.6f}",
                     "lr": f"{row['lr']:.4e}", "samples_per_s": f"{rate:.2f}", "grad_norm": f"{row['grad_norm']:.4f}",
                     "pairs": int(row["pairs"]), **{k: f"{float(row[k]):.6g}" for k in row["extra"]}})
+        self.epoch_loss += sum(row["loss"] for row in self.rows)
+        self.epoch_steps += len(self.rows)
         bar.set_postfix(loss=f"{self.rows[-1]['loss']:.3f}", samples_s=f"{rate:.1f}")
         bar.update(len(self.rows))
         self.rows = []
@@ -378,8 +389,8 @@ def run_phase(task: PhaseTask, dataset: torch.utils.data.Dataset, cfg: LoopSetti
             if metrics is not None:
                 metrics.record(row)
 
-        bar = stack.enter_context(tqdm(total=total, initial=step, desc=f"train {phase}", unit="step",
-                                       disable=rank != 0))
+        bar = stack.enter_context(progress.bar(total=total, initial=step, desc=f"train {phase}", unit="step",
+                                               disable=rank != 0))
         pending = _Pending(phase, ckpt, per_rank * world, writer)
 
         def checkpoint(epoch: int, pos: int):
@@ -433,6 +444,7 @@ def run_phase(task: PhaseTask, dataset: torch.utils.data.Dataset, cfg: LoopSetti
                 if pos + 1 < per_epoch and due():
                     checkpoint(epoch, pos + 1)
             pending.flush(record, bar)
+            train_loss, samples_s = pending.end_epoch()
             if world > 1:  # BatchNorm statistics of rank 0 (those saved) everywhere, as DDP's next forward would
                 for buffer in model.buffers():
                     if buffer.is_floating_point():
@@ -446,6 +458,10 @@ def run_phase(task: PhaseTask, dataset: torch.utils.data.Dataset, cfg: LoopSetti
                 record({"step": step, "epoch": epoch, "split": "val", "loss": f"{val['loss']:.6f}",
                         **{k: f"{v:.6g}" for k, v in val.items() if k != "loss"}})
                 log.info("phase %s epoch %d: validation loss %.4f", phase, epoch, val["loss"])
+            if rank == 0:
+                progress.log.info("train %s epoch %d/%d: step %d/%d, loss %.4f, %.1f samples/s%s", phase, epoch + 1,
+                                  cfg.epochs, step, total, train_loss, samples_s,
+                                  f", validation loss {history[-1]['loss']:.4f}" if validates else "")
                 if cfg.select == "best_val" and rank == 0 and val["loss"] <= min(h["loss"] for h in history):
                     writer.wait()
                     atomic_save(model_state(model), best)  # before the epoch's checkpoint: resumable

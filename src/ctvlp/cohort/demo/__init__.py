@@ -182,7 +182,7 @@ def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
     """
     from concurrent.futures import ProcessPoolExecutor
 
-    from tqdm.auto import tqdm
+    from ...progress import lines
 
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -192,10 +192,9 @@ def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
     jobs = [(i, seed, s, out_dir, lesion_scale) for i, s in enumerate(splits)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            done = list(tqdm(pool.map(_write_case, jobs, chunksize=4), total=len(jobs), desc="demo cohort",
-                             unit="case"))
+            done = list(lines(pool.map(_write_case, jobs, chunksize=4), len(jobs), "demo cohort", "case"))
     else:
-        done = [_write_case(job) for job in tqdm(jobs, desc="demo cohort", unit="case")]
+        done = [_write_case(job) for job in lines(jobs, len(jobs), "demo cohort", "case")]
     manifest = frame([row for row, _ in done], MANIFEST_SCHEMA)
     truth = frame([r for _, rows in done for r in rows], GROUND_TRUTH_SCHEMA)
     return write(manifest, truth, None, out_dir)["manifest"]
