@@ -105,8 +105,33 @@ def test_roc_curves_match_sklearn_and_skip_one_class_diseases():
 
 
 def test_plot_roc_per_organ_png(tmp_path):
-    out = figures.plot_roc_per_organ(_random_predictions(), tmp_path / "roc.png")
+    out = figures.plot_roc_per_organ(_random_predictions(), tmp_path / "roc.png", {"d1": 0.5, "d3": 0.4},
+                                     n_resamples=50)
     _png(out, 4.5, 2 * 5.0)  # two organs: one row of two 5 x 4.5 in panels
+
+
+def test_operating_point_is_the_thresholds_test_sensitivity_and_fpr():
+    pred = _random_predictions()
+    t = pred.filter((pl.col("disease_id") == "d1") & (pl.col("split") == "test") & pl.col("evaluable"))
+    y, s = t["label"].to_numpy(), t["score"].to_numpy()
+    fpr, sens = figures.operating_point(pred, "d1", 0.5)
+    assert sens == pytest.approx(((s >= 0.5) & (y == 1)).sum() / (y == 1).sum())
+    assert fpr == pytest.approx(((s >= 0.5) & (y == 0)).sum() / (y == 0).sum())
+    assert figures.operating_point(pred, "d1", float("nan")) is None
+    assert figures.operating_point(pred, "one_class", 0.5) is None  # no positive among test rows
+
+
+def test_roc_band_brackets_the_curve():
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(30), np.zeros(50)].astype(int)
+    s = rng.normal(y * 1.0, 1.0)
+    grid, lo, hi = figures.roc_band(y, s, n_resamples=300, seed=0)
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    curve = tpr[np.searchsorted(fpr, grid, side="right") - 1]
+    assert (lo <= hi).all() and (hi - lo).max() > 0.1  # a band, not a line
+    inside = (lo - 1e-9 <= curve) & (curve <= hi + 1e-9)
+    assert inside.mean() > 0.9  # the observed curve lies within its own bootstrap band
+    assert lo[0] >= 0 and hi[-1] == pytest.approx(1.0)
 
 
 # ---- t-SNE of anatomy embeddings -----------------------------------------------------------------
@@ -146,6 +171,11 @@ def test_plot_tsne_png_blue_normal_red_abnormal(tmp_path):
     r, g, b = img[..., 0], img[..., 1], img[..., 2]
     assert ((b > 0.7) & (r < 0.45) & (b - g > 0.25)).sum() > 50  # normal points, blue
     assert ((r > 0.7) & (g < 0.45) & (b < 0.45)).sum() > 50  # abnormal points, red
+    # the anatomies are named in one legend, never written over the points
+    fig = figures.tsne_figure(x, normal, anatomy, seed=0)
+    assert all(not ax.texts for ax in fig.axes)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["normal", "abnormal", "kidney", "liver"]
     with pytest.raises(ValueError, match="at least 3"):
         figures.tsne_2d(x[:2])
 
@@ -253,26 +283,101 @@ def test_activation_map_nan_outside_cosine_inside(vq_model):
         figures.activation_map(vq_model, img, anat, "liver_cyst", "cpu")
 
 
-def test_plot_activation_maps_png(tmp_path):
+def test_plot_activation_maps_png_one_diverging_scale(tmp_path):
     img, anat = _synthetic_volume()
     heart = anat == _anat_index("heart")
     amap = np.where(heart, np.linspace(-0.2, 0.4, img.size).reshape(img.shape), np.nan)
-    items = [figures.MapPanel("case a: cardiomegaly", img, amap, heart),
-             figures.MapPanel("case b: cardiomegaly", img, -amap, heart)]
+    items = [figures.MapPanel("case a: cardiomegaly", img, amap, heart, "heart"),
+             figures.MapPanel("case b: cardiomegaly", img, -amap * 0.5, heart, "heart")]
     assert figures.centre_slice(heart) == 14
+    # one scale: the largest |value| of any panel (panel a's, though panel b holds the larger negative)
+    assert figures.map_limit(items) == pytest.approx(np.nanmax(np.abs(amap)))
+    assert figures.map_limit(items[1:]) == pytest.approx(0.5 * np.nanmax(np.abs(amap)))
     out = figures.plot_activation_maps(items, tmp_path / "maps.png")
-    _png(out, 4.4, 2 * 4.6)
+    img_png = _png(out, 3.4, 2 * 3.6)
+    r, b = img_png[..., 0], img_png[..., 2]
+    assert ((r > 0.6) & (b < 0.45) & (r - b > 0.3)).sum() > 30  # positive values: red
+    assert ((b > 0.6) & (r < 0.45) & (b - r > 0.3)).sum() > 30  # negative values: blue
+    # fixed grid cells: a positive in column 0 and a negative in column 2 of a 4-column row
+    _png(figures.plot_activation_maps(items, tmp_path / "grid.png", ncols=4, slots=[0, 2]), 3.4, 4 * 3.6)
+    _png(figures.plot_activation_maps(items, tmp_path / "grid2.png", ncols=4, slots=[0, 5]), 2 * 3.4, 4 * 3.6)
+    with pytest.raises(ValueError, match="own grid cell"):
+        figures.plot_activation_maps(items, tmp_path / "bad.png", slots=[1, 1])
 
 
-# ---- all figures ---------------------------------------------------------------------------------
-def test_top_positive_cases_picks_each_diseases_best_positive():
+def test_ct_window_per_anatomy_and_windowing():
+    assert figures.ct_window("liver") == ("abdomen", 400, 40)
+    assert figures.ct_window("lung") == ("lung", 1500, -600)
+    assert figures.ct_window("lumbar_spine") == ("bone", 2000, 500)
+    hu = np.array([-1000.0, -600.0, 40.0, 240.0, 1000.0])
+    image = (hu + 1000) / 2000  # as preprocess scales hu_window [-1000, 1000]
+    np.testing.assert_allclose(figures.window_image(image, (1500, -600)), [350 / 1500, 0.5, 1390 / 1500, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(figures.window_image(image, (400, 40)), [0, 0, 0.5, 1, 1], atol=1e-6)
+
+
+def test_panel_slice_goes_through_the_lesion_where_known():
+    img, anat = _synthetic_volume()
+    heart = anat == _anat_index("heart")
+    lesion = np.zeros_like(heart)
+    lesion[6:9, 6:9, 20:23] = True
+    lesion[7, 7, 19] = True
+    lesion[6:10, 6:10, 21] = True  # the lesion's largest slice
+    amap = np.where(heart, 0.1, np.nan)
+    assert figures.panel_slice(figures.MapPanel("a", img, amap, heart, "heart", lesion)) == (21, "through the lesion")
+    assert figures.panel_slice(figures.MapPanel("a", img, amap, heart, "heart")) == (14, "anatomy centre")
+
+
+def test_map_cases_first_positives_and_negatives_by_case_id_whatever_the_scores():
     pred = _random_predictions(1)
-    top = figures.top_positive_cases(pred, 2)
-    pos = pred.filter((pl.col("split") == "test") & pl.col("evaluable") & (pl.col("label") == 1))
-    best = pos.group_by("disease_id").agg(pl.col("score").max()).sort("score", descending=True)
-    assert top["disease_id"].to_list() == best["disease_id"].to_list()[:2]
-    assert top["score"].to_list() == best["score"].to_list()[:2]
-    assert "one_class" not in top["disease_id"].to_list()
+    chosen = figures.map_cases(pred, 2, per_class=2)
+    shuffled = pred.with_columns(pl.Series("score", np.random.default_rng(9).random(len(pred))))
+    assert figures.map_cases(shuffled, 2, per_class=2).drop("score").equals(chosen.drop("score"))
+    assert chosen["disease_id"].unique(maintain_order=True).to_list() == ["d1", "d2"]
+    for did in ("d1", "d2"):
+        t = pred.filter((pl.col("disease_id") == did) & (pl.col("split") == "test") & pl.col("evaluable")).sort("case_id")
+        got = chosen.filter(pl.col("disease_id") == did)
+        assert got["label"].to_list() == [1, 1, 0, 0]
+        assert got["case_id"].to_list() == (t.filter(pl.col("label") == 1)["case_id"].to_list()[:2]
+                                            + t.filter(pl.col("label") == 0)["case_id"].to_list()[:2])
+    assert "one_class" not in figures.map_cases(pred, 10)["disease_id"].to_list()
+
+
+# ---- training curves -----------------------------------------------------------------------------
+def _metrics_csv(path):
+    rows = ["phase,step,epoch,split,loss,lr,samples_per_s,grad_norm,pairs"]
+    step = 0
+    for epoch in range(3):
+        for _ in range(5):
+            step += 1
+            rows.append(f"align,{step},{epoch},train,{4 - 0.1 * step:.4f},{1e-3 * min(1, step / 4):.4e},2.0,1.0,9")
+        rows.append(f"align,{step},{epoch},val,{3.5 - 0.2 * epoch:.4f},,,,")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_training_curves_read_loss_validation_and_lr(tmp_path):
+    c = figures.training_curves(_metrics_csv(tmp_path / "metrics.csv"))
+    assert c["step"].tolist() == list(range(1, 16))
+    assert c["loss"][0] == pytest.approx(3.9) and c["lr"][3] == pytest.approx(1e-3) and c["lr"][0] == pytest.approx(2.5e-4)
+    assert c["val_step"].tolist() == [5, 10, 15] and c["val_loss"].tolist() == pytest.approx([3.5, 3.3, 3.1])
+    assert c["epoch_end"].tolist() == [5, 10, 15]
+    out = figures.plot_training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png", "align")
+    _png(out, 3.8, 2 * 5.4)
+
+
+# ---- tables for the report -----------------------------------------------------------------------
+def test_html_table_holds_the_numbers_as_formatted_and_sorts(tmp_path):
+    from ctvlp.evaluation.htmltable import write_html_table
+
+    df = pl.DataFrame({"disease_id": ["b", "a", "mean"], "auc": [0.81234, float("nan"), 0.8], "n": [3, 10, 13],
+                       "note": ["<x>", None, ""]})
+    df.write_csv(tmp_path / "t.csv")
+    html = write_html_table(tmp_path / "t.csv", tmp_path / "t.html", "Zero-shot", "a note",
+                            "disease_id").read_text(encoding="utf-8")
+    assert "<td class=\"num\" data-v=\"0.81234\">0.812</td>" in html  # as the Markdown table formats it
+    assert "<td>n/a</td>" in html and "&lt;x&gt;" in html and "<x>" not in html
+    assert '<tr class="summary">' in html and html.count("<tr") == 4
+    assert "addEventListener(\"click\"" in html and "src=" not in html  # sorts, self-contained
 
 
 def test_make_all_writes_every_figure(tiny_cohort, vq_model, tmp_path):
@@ -299,8 +404,12 @@ def test_make_all_writes_every_figure(tiny_cohort, vq_model, tmp_path):
                  tmp_path / "results" / "preprocessed").write_parquet(tmp_path / "cases.parquet")
     paths = figures.make_all(model_dir, tmp_path / "pred.parquet", tmp_path / "cases.parquet",
                              tmp_path / "gt.parquet", tmp_path / "fig", "demo", device="cpu", n_cases=4,
-                             n_hist_cases=2, n_maps=2)
-    assert set(paths) == {"roc_per_organ", "tsne", "activation_histograms", "activation_maps"}
-    _png(paths["activation_maps"], 4.4, 2 * 4.6)  # two diseases with a positive test case shown
+                             n_hist_cases=2, n_maps=2, training={"align": _metrics_csv(tmp_path / "metrics.csv")})
+    assert set(paths) == {"roc_per_organ", "tsne", "activation_histograms", "activation_maps", "training_align"}
+    shown = figures.map_cases(pl.read_parquet(tmp_path / "pred.parquet"), 2)
+    rows = shown["disease_id"].n_unique()
+    assert rows == 2 and len(shown) > 4  # two diseases, positives and negatives
+    _png(paths["activation_maps"], rows * 3.4, 4 * 3.6)
+    _png(paths["training_align"], 3.8, 2 * 5.4)
     _png(paths["activation_histograms"], 4.2, 2 * 5.2)  # demo catalog anatomies in the volumes: lung, heart
     _png(paths["tsne"], 5.6, 6.0)

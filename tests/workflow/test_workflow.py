@@ -1,6 +1,8 @@
 """Runs the whole Snakefile on a tiny config in a temporary folder (a few minutes on 2 cores)."""
 
+import base64
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -103,15 +105,39 @@ def test_the_model_bundle_holds_the_boost_model_and_the_evaluations_thresholds(r
     assert ctvlp.load_model(r / "model", run_config, device="cpu").thresholds == content["thresholds"]["values"]
 
 
+def _embedded_html(report_html: str) -> dict[str, str]:
+    """{file name: its text} of every HTML file the report embeds (as base64 data URIs: shown in
+    an iframe, i.e. inline, not as a download)."""
+    found = re.findall(r"data:text/html;charset=[\w-]+;filename=([^;]+);base64,([A-Za-z0-9+/=]+)", report_html)
+    return {name: base64.b64decode(data).decode("utf-8") for name, data in found}
+
+
 def test_html_report_holds_tables_figures_and_captions(run):
     out = snakemake(run, "--report", "report.html")
     assert out.returncode == 0, out.stderr[-3000:]
     html = (run / "report.html").read_text(encoding="utf-8")
-    for name in ("zeroshot.md", "zeroshot_by_organ.md", "linear_probe.md", "summary.md", "roc_per_organ.png",
-                 "tsne.png", "activation_histograms.png", "activation_maps.png", "metrics.csv"):
+    for name in ("summary.md", "roc_per_organ.png", "tsne.png", "activation_histograms.png", "activation_maps.png",
+                 "metrics.csv", *(f"training_{phase}.png" for phase in ("visual_cl", "align", "normality", "boost"))):
         assert name in html, name
     assert "t-SNE of test anatomy embeddings" in html  # a caption from workflow/report/
+    assert "Phase 3, the normality VQ-VAE" in html  # each training phase has its own caption
     assert "System Message" not in html  # every caption is valid reStructuredText (docutils embeds its errors)
+    # every table is embedded as an HTML page (shown inline) holding the table's own numbers
+    tables = _embedded_html(html)
+    assert {"zeroshot.html", "zeroshot_by_organ.html", "zeroshot_by_type.html", "linear_probe.html",
+            "linear_probe_by_organ.html", "linear_probe_by_type.html"} <= set(tables), sorted(tables)
+    for stem in ("zeroshot", "linear_probe"):
+        csv = pl.read_csv(run / f"results/eval/{stem}.csv")
+        page = tables[f"{stem}.html"]
+        assert page.count("<tr") == len(csv) + 1 and 'class="sortable"' in page
+        mean = csv.filter(pl.col("disease_id") == "mean").row(0, named=True)
+        for key in ("auc", "auc_ci_low", "auc_ci_high", "sensitivity"):
+            assert f">{mean[key]:.3f}</td>" in page, (stem, key, mean[key])
+        for row in csv.filter(pl.col("disease_id") != "mean").iter_rows(named=True):
+            shown = "n/a" if row["auc"] is None or np.isnan(row["auc"]) else f"{row['auc']:.3f}"
+            assert f">{shown}</td>" in page, (stem, row["disease_id"])
+    organs = pl.read_csv(run / "results/eval/zeroshot_by_organ.csv").filter(pl.col("auc").is_finite())
+    assert len(organs) and all(f">{a:.3f}</td>" in tables["zeroshot_by_organ.html"] for a in organs["auc"])
     img = matplotlib.image.imread(run / "results/eval/figures/roc_per_organ.png")
     assert img.ndim == 3 and img.shape[0] > 100 and img[..., :3].std() > 0  # a drawn figure, not blank
 

@@ -10,11 +10,18 @@ rule evaluate_zeroshot:
         cases=results_path("qc/cases.parquet"),
         ground_truth=results_path("cohort/ground_truth.parquet"),
     output:
-        table=report(results_path("{evaldir}/zeroshot.md"), caption="../report/zeroshot.rst", category="Zero-shot diagnosis"),
+        table=results_path("{evaldir}/zeroshot.md"),
         csv=results_path("{evaldir}/zeroshot.csv"),
-        by_organ=report(results_path("{evaldir}/zeroshot_by_organ.md"), caption="../report/zeroshot_by_organ.rst",
-                        category="Zero-shot diagnosis"),
+        by_organ=results_path("{evaldir}/zeroshot_by_organ.md"),
         by_type=results_path("{evaldir}/zeroshot_by_type.md"),
+        # the tables as HTML pages: the report shows them inline (a .md or .csv only as a download)
+        html=report(results_path("{evaldir}/zeroshot.html"), caption="../report/zeroshot.rst",
+                    category="Zero-shot diagnosis", subcategory="{evaldir}", labels={"table": "per disease"}),
+        by_organ_html=report(results_path("{evaldir}/zeroshot_by_organ.html"), caption="../report/zeroshot_by_organ.rst",
+                             category="Zero-shot diagnosis", subcategory="{evaldir}", labels={"table": "per organ"}),
+        by_type_html=report(results_path("{evaldir}/zeroshot_by_type.html"), caption="../report/zeroshot_by_type.rst",
+                            category="Zero-shot diagnosis", subcategory="{evaldir}",
+                            labels={"table": "local vs diffuse"}),
         parquet=results_path("{evaldir}/zeroshot.parquet"),
         predictions=results_path("{evaldir}/predictions.parquet"),
     params:
@@ -45,7 +52,15 @@ rule linear_probe:
         reports=results_path("reports/reports.parquet"),
         ground_truth=results_path("cohort/ground_truth.parquet"),
     output:
-        table=report(results_path("{evaldir}/linear_probe.md"), caption="../report/linear_probe.rst", category="Linear probe"),
+        table=results_path("{evaldir}/linear_probe.md"),
+        html=report(results_path("{evaldir}/linear_probe.html"), caption="../report/linear_probe.rst",
+                    category="Linear probe", subcategory="{evaldir}", labels={"table": "per disease"}),
+        by_organ_html=report(results_path("{evaldir}/linear_probe_by_organ.html"),
+                             caption="../report/linear_probe_by_organ.rst", category="Linear probe",
+                             subcategory="{evaldir}", labels={"table": "per organ"}),
+        by_type_html=report(results_path("{evaldir}/linear_probe_by_type.html"),
+                            caption="../report/linear_probe_by_type.rst", category="Linear probe",
+                            subcategory="{evaldir}", labels={"table": "local vs diffuse"}),
         csv=results_path("{evaldir}/linear_probe.csv"),
         parquet=results_path("{evaldir}/linear_probe.parquet"),
         by_organ=results_path("{evaldir}/linear_probe_by_organ.md"),
@@ -80,7 +95,14 @@ rule figures:
         predictions=results_path("eval/predictions.parquet"),
         cases=results_path("qc/cases.parquet"),
         ground_truth=results_path("cohort/ground_truth.parquet"),
+        thresholds=results_path("eval/zeroshot.csv"),  # the ROC's operating points
+        # a training-curve figure per phase of the full method
+        metrics=[results_path(f"train/{phase}/metrics.csv") for phase in CHAINS["train"]],
     output:
+        **{f"training_{phase}": report(results_path(f"eval/figures/training_{phase}.png"),
+                                       caption=f"../report/train_{phase}.rst", category="Training",
+                                       subcategory="train", labels={"phase": phase, "figure": "curves"})
+           for phase in CHAINS["train"]},
         roc=report(results_path("eval/figures/roc_per_organ.png"), caption="../report/roc.rst", category="Figures"),
         tsne=report(results_path("eval/figures/tsne.png"), caption="../report/tsne.rst", category="Figures"),
         histograms=report(results_path("eval/figures/activation_histograms.png"), caption="../report/histograms.rst",
@@ -117,8 +139,10 @@ rule ablation:
         **{f"{v}_table": results_path(f"{d}/zeroshot.csv") for v, d in ABLATION_VARIANTS.items()},
         **{f"{v}_predictions": results_path(f"{d}/predictions.parquet") for v, d in ABLATION_VARIANTS.items()},
     output:
-        table=report(results_path("eval/ablation.md"), caption="../report/ablation.rst", category="Zero-shot diagnosis"),
+        table=results_path("eval/ablation.md"),
         csv=results_path("eval/ablation.csv"),
+        html=report(results_path("eval/ablation.html"), caption="../report/ablation.rst", category="Zero-shot diagnosis",
+                    subcategory="ablation", labels={"table": "ablation"}),
     params:
         **settings("evaluate.bootstrap", "seed"),
         variants=lambda w, input: " ".join(f"--variant {v}={shlex.quote(str(Path(input[f'{v}_table']).parent))}"

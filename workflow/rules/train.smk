@@ -18,7 +18,7 @@ rule train:
         weights=results_path("{chain}/{phase}/model.safetensors"),
         config=results_path("{chain}/{phase}/config.json"),
         metrics=report(results_path("{chain}/{phase}/metrics.csv"), caption="../report/train_metrics.rst", category="Training",
-                       subcategory="{chain}"),
+                       subcategory="{chain}", labels={"phase": "{phase}", "figure": "metrics (CSV)"}),
     params:
         **settings("model", "train", "seed"),
         out_dir=parent_of("weights"),

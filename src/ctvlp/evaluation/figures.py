@@ -14,6 +14,7 @@ Every PNG is ``figsize * DPI`` pixels (no tight bounding box).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,9 +100,50 @@ def roc_curves(pred: pl.DataFrame) -> dict[str, list[RocCurve]]:
     return out
 
 
-def plot_roc_per_organ(pred: pl.DataFrame, out_png) -> Path:
-    """One panel per organ, one ROC curve per disease (AUC and positives/n in the legend)."""
+def operating_point(pred: pl.DataFrame, disease_id: str, threshold: float) -> tuple[float, float] | None:
+    """(false-positive rate, sensitivity) on the evaluable test rows of ``disease_id`` when a case
+    is called positive at score >= threshold (as ``metrics``); None without both classes or
+    without a threshold."""
+    if threshold is None or not np.isfinite(threshold):
+        return None
+    t = pred.filter((pl.col("disease_id") == disease_id) & (pl.col("split") == "test") & pl.col("evaluable")
+                    & pl.col("score").is_not_null() & pl.col("label").is_not_null())
+    y, s = t["label"].to_numpy().astype(int), t["score"].to_numpy().astype(float)
+    if len(np.unique(y)) < 2:
+        return None
+    called = s >= threshold
+    return float(called[y == 0].mean()), float(called[y == 1].mean())
+
+
+def roc_band(y, s, n_resamples: int = 200, seed: int = 0, grid=None, level: float = 0.95):
+    """Pointwise bootstrap band of an ROC curve: (fpr grid, lower tpr, upper tpr). Each resample
+    draws the cases with replacement within each class (so every resample has both classes) and
+    reads its curve's tpr at the grid's fprs (step interpolation, as the curve is drawn)."""
+    from sklearn.metrics import roc_curve
+
+    y, s = np.asarray(y).astype(int), np.asarray(s, float)
+    grid = np.linspace(0, 1, 101) if grid is None else np.asarray(grid, float)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    rng = np.random.default_rng(seed)
+    tprs = np.empty((n_resamples, len(grid)))
+    for b in range(n_resamples):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        fpr, tpr, _ = roc_curve(y[idx], s[idx], drop_intermediate=False)
+        tprs[b] = tpr[np.searchsorted(fpr, grid, side="right") - 1]
+    alpha = (1 - level) / 2
+    return grid, np.quantile(tprs, alpha, axis=0), np.quantile(tprs, 1 - alpha, axis=0)
+
+
+def plot_roc_per_organ(pred: pl.DataFrame, out_png, thresholds: dict[str, float] | None = None,
+                       n_resamples: int = 200, seed: int = 0) -> Path:
+    """One panel per organ, one ROC curve per disease (AUC and positives/n in the legend), its 95%
+    pointwise bootstrap band (``roc_band``, shaded) and, where ``thresholds`` {disease_id: threshold
+    chosen on validation} gives one, the operating point that threshold reaches on the test split."""
     curves = roc_curves(pred)
+    thresholds = thresholds or {}
+    ids = {d: i for d, i in pred.select("disease", "disease_id").unique(maintain_order=True).iter_rows()}
+    test = pred.filter((pl.col("split") == "test") & pl.col("evaluable") & pl.col("score").is_not_null()
+                       & pl.col("label").is_not_null())
     n_all = pred.filter(pl.col("split") == "test")["disease_id"].n_unique()
     n_shown = sum(len(v) for v in curves.values())
     fig, axes = _figure(len(curves), 3)
@@ -110,17 +152,28 @@ def plot_roc_per_organ(pred: pl.DataFrame, out_png) -> Path:
                      ha="center", va="center", transform=axes[0].transAxes)
         axes[0].set_axis_off()
     for ax, (organ, rows) in zip(axes, curves.items()):
-        for c in rows:
-            ax.step(c.fpr, c.tpr, where="post", lw=1.6,
+        for k, c in enumerate(rows):
+            color = f"C{k % 10}"
+            did = ids.get(c.disease, c.disease)
+            t = test.filter(pl.col("disease_id") == did)
+            grid, lo, hi = roc_band(t["label"].to_numpy(), t["score"].to_numpy(), n_resamples, seed)
+            ax.fill_between(grid, lo, hi, step="post", color=color, alpha=0.15, lw=0)
+            ax.step(c.fpr, c.tpr, where="post", lw=1.6, color=color,
                     label=f"{c.disease}: AUC {c.auc:.3f} ({c.n_pos}+ / {c.n})")
+            point = operating_point(pred, did, thresholds.get(did))
+            if point is not None:
+                ax.plot(*point, marker="o", ms=7, mfc=color, mec="black", mew=1.0, ls="none", zorder=5)
         ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="chance")
+        ax.plot([], [], marker="o", ms=7, mfc="white", mec="black", ls="none",
+                label="operating point (validation threshold)")
+        ax.fill_between([], [], [], color="0.5", alpha=0.3, lw=0, label="95% bootstrap band")
         ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
                xlabel="1 - specificity (false-positive rate)", ylabel="sensitivity (true-positive rate)")
         ax.set_title(f"{organ} (test cases: n = {max(c.n for c in rows)})", fontsize=11)
-        ax.legend(loc="lower right", fontsize=7.5)
+        ax.legend(loc="lower right", fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(f"Zero-shot ROC per organ, test split, evaluable cases ({n_shown} of {n_all} diseases "
-                 "have both classes)", fontsize=12)
+                 f"have both classes); bands: {n_resamples} bootstrap resamples", fontsize=12)
     return _save(fig, out_png)
 
 
@@ -165,30 +218,52 @@ def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
         np.asarray(x, np.float64))
 
 
+TSNE_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p")
+
+
 def plot_tsne(x, normal, anatomy, out_png, seed: int = 0, title: str = "model", compare: dict | None = None,
               max_labels: int = 12) -> Path:
-    """Fig. 3: t-SNE of anatomy embeddings, normal blue, abnormal red; each of the max_labels most
-    frequent anatomies named at the median of its points. compare {title: (X, normal, anatomy)}:
-    further panels (e.g. a baseline model) drawn before this one, each its own t-SNE."""
+    """``tsne_figure`` written to out_png."""
+    return _save(tsne_figure(x, normal, anatomy, seed, title, compare, max_labels), out_png)
+
+
+def tsne_figure(x, normal, anatomy, seed: int = 0, title: str = "model", compare: dict | None = None,
+                max_labels: int = 12):
+    """Fig. 3: t-SNE of anatomy embeddings, normal blue, abnormal red, one marker shape per anatomy
+    (the max_labels most frequent; the rest small dots, "other"), both explained in a legend beside
+    the panels (nothing is written over the points). compare {title: (X, normal, anatomy)}: further
+    panels (e.g. a baseline model) drawn before this one, each its own t-SNE."""
+    from matplotlib.lines import Line2D
+
     panels = [*(compare or {}).items(), (title, (x, normal, anatomy))]
     fig, axes = _figure(len(panels), 3, panel=(6.0, 5.6))
+    all_names = np.concatenate([np.asarray(p[1][2], dtype=object) for p in panels])
+    names, counts = np.unique(all_names, return_counts=True)
+    shown = [str(a) for a in names[np.argsort(-counts, kind="stable")][:min(max_labels, len(TSNE_MARKERS))]]
+    marker = {a: TSNE_MARKERS[i] for i, a in enumerate(shown)}
     for ax, (name, (xx, nn, aa)) in zip(axes, panels):
         nn, aa = np.asarray(nn, bool), np.asarray(aa, dtype=object)
         y = tsne_2d(xx, seed)
-        ax.scatter(*y[nn].T, s=12, c=NORMAL_COLOR, alpha=0.75, lw=0, label=f"normal ({int(nn.sum())})")
-        ax.scatter(*y[~nn].T, s=12, c=ABNORMAL_COLOR, alpha=0.75, lw=0, label=f"abnormal ({int((~nn).sum())})")
-        names, counts = np.unique(aa, return_counts=True)
-        for a in names[np.argsort(-counts, kind="stable")][:max_labels]:
-            cx, cy = np.median(y[aa == a], axis=0)
-            ax.annotate(str(a).replace("_", " "), (cx, cy), fontsize=7, color="0.2", ha="center",
-                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.6, "lw": 0})
-        ax.set_title(f"{name}: n = {len(nn)} anatomy embeddings\n({len(names)} anatomies, "
-                     f"perplexity {min(30, len(nn) - 1)})", fontsize=10)
+        for group, color in ((nn, NORMAL_COLOR), (~nn, ABNORMAL_COLOR)):
+            for a in [*shown, None]:
+                sel = group & (np.isin(aa, shown, invert=True) if a is None else aa == a)
+                if sel.any():
+                    ax.scatter(*y[sel].T, s=18 if a else 6, c=color, marker=marker.get(a, "."), alpha=0.75, lw=0)
+        ax.set_title(f"{name}: n = {len(nn)} anatomy embeddings ({int(nn.sum())} normal, {int((~nn).sum())} "
+                     f"abnormal)\n{len(np.unique(aa))} anatomies, perplexity {min(30, len(nn) - 1)}", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.legend(loc="best", fontsize=8, markerscale=2)
+    handles = [Line2D([], [], ls="none", marker="o", ms=7, mfc=NORMAL_COLOR, mec="none", label="normal"),
+               Line2D([], [], ls="none", marker="o", ms=7, mfc=ABNORMAL_COLOR, mec="none", label="abnormal")]
+    handles += [Line2D([], [], ls="none", marker=marker[a], ms=7, mfc="0.35", mec="none", label=a.replace("_", " "))
+                for a in shown]
+    if len(names) > len(shown):
+        handles.append(Line2D([], [], ls="none", marker=".", ms=6, mfc="0.35", mec="0.35",
+                              label=f"other ({len(names) - len(shown)} anatomies)"))
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, title="colour: status\nshape: anatomy",
+               title_fontsize=8)
     fig.suptitle("t-SNE of normal (blue) and abnormal (red) anatomy embeddings", fontsize=12)
-    return _save(fig, out_png)
+    return fig
 
 
 # ---- 3. vision-token activations w/o and w/ VSDB (Fig. 5) -----------------------------------------
@@ -369,13 +444,49 @@ def activation_map(model, image, anatomy, disease, device, mode: str = "nearest"
     return out
 
 
+# Display windows (width, level) in HU, per anatomy: lung and airway in the lung window, bone in the
+# bone window, the mediastinum's vessels and organs in the mediastinal window, the rest in the
+# abdominal soft-tissue window.
+CT_WINDOWS = {"abdomen": (400, 40), "lung": (1500, -600), "bone": (2000, 500), "mediastinum": (350, 40)}
+WINDOW_OF_ANATOMY = {
+    **dict.fromkeys(("lung", "trachea"), "lung"),
+    **dict.fromkeys(("heart", "aorta", "esophagus", "pulmonary_vessels", "supraaortic_arteries", "venae_cavae",
+                     "thyroid_gland"), "mediastinum"),
+    **dict.fromkeys(("sacrum", "cervical_spine", "thoracic_spine", "lumbar_spine", "ribs", "sternum",
+                     "shoulder_girdle", "hip", "femur"), "bone"),
+}
+PREPROCESS_HU = (-1000.0, 1000.0)  # preprocess.hu_window's default: image value 0..1 <-> these HU
+MAP_CMAP = "RdBu_r"  # diverging, perceptually uniform in lightness, white at zero
+
+
+def ct_window(anatomy: str) -> tuple[str, int, int]:
+    """(window name, width, level) in HU for an anatomy (abdomen W400/L40 unless listed)."""
+    name = WINDOW_OF_ANATOMY.get(anatomy, "abdomen")
+    return (name, *CT_WINDOWS[name])
+
+
+def window_image(image, window: tuple[float, float], hu_range=PREPROCESS_HU) -> np.ndarray:
+    """A preprocessed image (values 0..1 for hu_range) in the display window (width, level):
+    0 at level - width/2 and below, 1 at level + width/2 and above."""
+    lo, hi = hu_range
+    hu = lo + np.asarray(image, np.float32) * (hi - lo)
+    width, level = window
+    return np.clip((hu - (level - width / 2)) / width, 0.0, 1.0)
+
+
 @dataclass
 class MapPanel:
-    """One panel of ``plot_activation_maps``: image and map (X, Y, Z), the anatomy's voxels (bool)."""
+    """One panel of ``plot_activation_maps``: image (preprocessed, 0..1 for ``hu_range``) and map
+    (X, Y, Z), the anatomy's voxels (bool), the anatomy's name (its CT window), the lesion's voxels
+    where the cohort records them (the slice goes through the lesion, outlined), and the column
+    header (e.g. "positive 1")."""
     title: str
     image: np.ndarray
     amap: np.ndarray
     mask: np.ndarray
+    anatomy: str = ""
+    lesion: np.ndarray | None = None
+    hu_range: tuple[float, float] = PREPROCESS_HU
 
 
 def centre_slice(mask: np.ndarray) -> int:
@@ -385,57 +496,157 @@ def centre_slice(mask: np.ndarray) -> int:
     return z if mask[:, :, z].any() else int(np.bincount(zs).argmax())
 
 
-def plot_activation_maps(items: list[MapPanel], out_png) -> Path:
-    """Fig. 4: per (case, disease), the axial slice through the anatomy's centre (arrays are LPS
-    (x, y, z): shown radiologically, patient right on the left, anterior up), the map overlaid
-    (alpha 0.55, colour range = the map's range in the volume) and the anatomy's outline."""
-    fig, axes = _figure(len(items), 3, panel=(4.6, 4.4))
-    for ax, it in zip(axes, items):
-        z = centre_slice(it.mask)
-        ax.imshow(np.asarray(it.image[:, :, z], np.float32).T, cmap="gray", vmin=0, vmax=1, origin="upper",
-                  interpolation="nearest")
-        vals = it.amap[np.isfinite(it.amap)]
-        lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (-1.0, 1.0)
-        if hi <= lo:
-            lo, hi = lo - 1e-3, hi + 1e-3
-        over = ax.imshow(it.amap[:, :, z].T, cmap="jet", alpha=0.55, vmin=lo, vmax=hi, origin="upper",
+def panel_slice(it: MapPanel) -> tuple[int, str]:
+    """(axial index, how it was chosen): the slice with most lesion voxels where the panel has a
+    lesion mask, else the anatomy's centre slice."""
+    if it.lesion is not None and np.asarray(it.lesion).any():
+        return int(np.asarray(it.lesion).sum(axis=(0, 1)).argmax()), "through the lesion"
+    return centre_slice(it.mask), "anatomy centre"
+
+
+def map_limit(items: list[MapPanel]) -> float:
+    """The figure's one colour scale, symmetric about zero: max |value| over every panel's map."""
+    vals = [np.abs(it.amap[np.isfinite(it.amap)]) for it in items]
+    vmax = max((float(v.max()) for v in vals if v.size), default=1.0)
+    return vmax if vmax > 0 else 1e-3
+
+
+def plot_activation_maps(items: list[MapPanel], out_png, ncols: int = 4, title: str | None = None,
+                         slots: list[int] | None = None) -> Path:
+    """Fig. 4: per (case, disease), one axial slice (arrays are LPS (x, y, z): shown radiologically,
+    patient right on the left, anterior up) in the anatomy's own CT window (``ct_window``), the map
+    overlaid inside the anatomy with a diverging colormap centred on zero and ONE symmetric scale
+    for the whole figure (``map_limit``; one colour bar), the anatomy's outline (white) and the
+    lesion's (yellow) where known. The slice goes through the lesion where known, else through the
+    anatomy's centre (``panel_slice``); each panel says which. slots: the grid cell (row-major,
+    ncols per row) of each item, e.g. one row per disease with its positives and its negatives in
+    fixed columns; default one after the other."""
+    from matplotlib.colors import Normalize
+
+    fixed = slots is not None  # a fixed grid: whole rows of ncols cells
+    slots = list(range(len(items))) if slots is None else list(slots)
+    if len(slots) != len(items) or len(set(slots)) != len(slots):
+        raise ValueError("slots must give each item its own grid cell")
+    n_cells = max(slots, default=0) + 1
+    fig, axes = _figure(-(-n_cells // ncols) * ncols if fixed else n_cells, ncols, panel=(3.6, 3.4))
+    rows_used = {k // ncols for k in slots}
+    for k, ax in enumerate(axes):
+        if k not in slots and items:
+            if fixed and k // ncols in rows_used:  # a gap in a row: say so rather than leave a hole
+                ax.text(0.5, 0.5, "no further test case\nof this class", ha="center", va="center", color="0.4",
+                        fontsize=9, transform=ax.transAxes)
+                ax.set_axis_off()
+            else:
+                ax.set_visible(False)
+    vmax = map_limit(items)
+    norm = Normalize(-vmax, vmax)
+    over = None
+    for ax, it in zip([axes[k] for k in slots], items):
+        z, how = panel_slice(it)
+        wname, width, level = ct_window(it.anatomy)
+        shown = window_image(it.image[:, :, z], (width, level), it.hu_range)
+        ax.imshow(shown.T, cmap="gray", vmin=0, vmax=1, origin="upper", interpolation="nearest")
+        over = ax.imshow(it.amap[:, :, z].T, cmap=MAP_CMAP, norm=norm, alpha=0.7, origin="upper",
                          interpolation="nearest")
-        ax.contour(it.mask[:, :, z].T.astype(float), levels=[0.5], colors="white", linewidths=0.8)
-        fig.colorbar(over, ax=ax, fraction=0.046, pad=0.02, label="cosine similarity")
-        ax.set_title(f"{it.title}\naxial z = {z}", fontsize=9)
+        ax.contour(it.mask[:, :, z].T.astype(float), levels=[0.5], colors="white", linewidths=0.7)
+        if it.lesion is not None and np.asarray(it.lesion)[:, :, z].any():
+            ax.contour(np.asarray(it.lesion)[:, :, z].T.astype(float), levels=[0.5], colors="yellow",
+                       linewidths=1.2)
+        ax.set_title(f"{it.title}\naxial z = {z} ({how}); {wname} W{width}/L{level}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
+    if over is not None:
+        fig.colorbar(over, ax=[ax for ax in axes if ax.get_visible()], fraction=0.025, pad=0.01, shrink=0.8,
+                     label="cosine similarity to the positive prompt (one scale)")
     if not items:
-        axes[0].text(0.5, 0.5, "no positive test case to show", ha="center", va="center")
+        axes[0].text(0.5, 0.5, "no test case with both classes to show", ha="center", va="center")
         axes[0].set_axis_off()
-    fig.suptitle("Visual activation maps: cos(token embedding, positive prompt) inside the disease's anatomy",
-                 fontsize=11)
+    fig.suptitle(title or "Visual activation maps: cos(token embedding, positive prompt) inside the disease's "
+                 "anatomy (white outline); red > 0 > blue", fontsize=10)
+    return _save(fig, out_png)
+
+
+def map_cases(pred: pl.DataFrame, n_diseases: int, per_class: int = 2, prefer_local: bool = True) -> pl.DataFrame:
+    """The cases of the activation maps, chosen WITHOUT looking at scores: the first n_diseases
+    diseases (table order; local ones first when prefer_local and the table has a ``type`` column)
+    with an evaluable positive and negative test case, and for each the first per_class positive and
+    the first per_class negative evaluable test cases by case id. Rows (disease_id, disease,
+    anatomy, case_id, label, score, ...) in that order: a disease's positives, then its negatives."""
+    test = pred.filter((pl.col("split") == "test") & pl.col("evaluable") & pl.col("label").is_not_null()
+                       & pl.col("score").is_not_null())
+    both = (test.group_by("disease_id", maintain_order=True).agg(pl.col("label").n_unique().alias("k"))
+            .filter(pl.col("k") == 2)["disease_id"].to_list())
+    if prefer_local and "type" in test.columns:
+        kind = dict(test.select("disease_id", "type").unique("disease_id").iter_rows())
+        both = sorted(both, key=lambda d: kind.get(d) != "local")  # stable: table order within a kind
+    parts = []
+    for did in both[:n_diseases]:
+        t = test.filter(pl.col("disease_id") == did).sort("case_id")
+        parts += [t.filter(pl.col("label") == 1).head(per_class), t.filter(pl.col("label") == 0).head(per_class)]
+    extra = [c for c in ("prompt_style",) if c in test.columns]
+    cols = ["disease_id", "disease", "anatomy", "case_id", "label", "score", *extra]
+    return pl.concat(parts).select(cols) if parts else pl.DataFrame(schema={c: test.schema[c] for c in cols})
+
+
+# ---- training curves ------------------------------------------------------------------------------
+def training_curves(metrics) -> dict[str, np.ndarray]:
+    """A phase's metrics.csv (or its table) as arrays: train step/loss/lr per step, val step/loss
+    per validation (the step it was computed after), epoch ends (steps)."""
+    df = metrics if isinstance(metrics, pl.DataFrame) else pl.read_csv(metrics, infer_schema_length=None)
+    tr, va = df.filter(pl.col("split") == "train"), df.filter(pl.col("split") == "val")
+
+    def arr(t, c):
+        return t[c].cast(pl.Float64).to_numpy() if c in t.columns else np.zeros(len(t))
+
+    ends = tr.group_by("epoch", maintain_order=True).agg(pl.col("step").max())["step"].to_numpy()
+    return {"step": arr(tr, "step"), "loss": arr(tr, "loss"), "lr": arr(tr, "lr"),
+            "val_step": arr(va, "step"), "val_loss": arr(va, "loss"), "epoch_end": ends.astype(float)}
+
+
+def plot_training_curves(metrics, out_png, phase: str = "", smooth: int = 20) -> Path:
+    """One phase's training: loss per step (faint) with its running mean over ``smooth`` steps,
+    validation loss per epoch (markers), and the learning rate per step on a second panel."""
+    c = training_curves(metrics)
+    fig, (ax, ax_lr) = _figure(2, 2, panel=(5.4, 3.8))
+    if len(c["step"]):
+        ax.plot(c["step"], c["loss"], color="#4a7fd0", alpha=0.35, lw=0.9, label="train loss (per step)")
+        w = min(smooth, len(c["loss"]) // 4)
+        if w >= 2:  # a running mean only where there are enough steps for one to mean something
+            run = np.convolve(c["loss"], np.ones(w) / w, mode="valid")
+            ax.plot(c["step"][w - 1:], run, color="#1f4fa0", lw=1.8, label=f"train loss, mean of {w} steps")
+        else:
+            ax.lines[-1].set(alpha=1.0, lw=1.6, color="#1f4fa0")
+    if len(c["val_step"]):
+        ax.plot(c["val_step"], c["val_loss"], "o-", color="#d0622b", ms=5, lw=1.4, label="validation loss (per epoch)")
+    for e in c["epoch_end"]:
+        ax.axvline(e, color="0.85", lw=0.8, zorder=0)
+    ax.set(xlabel="step", ylabel="loss", title=f"{phase}: loss ({len(c['epoch_end'])} epochs, "
+                                               f"{len(c['step'])} steps)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_lr.plot(c["step"], c["lr"], color="0.2", lw=1.4)
+    ax_lr.set(xlabel="step", ylabel="learning rate", title=f"{phase}: learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(f"Training curves, phase {phase}" if phase else "Training curves", fontsize=11)
     return _save(fig, out_png)
 
 
 # ---- all figures ----------------------------------------------------------------------------------
-def top_positive_cases(pred: pl.DataFrame, n: int) -> pl.DataFrame:
-    """For each disease, its evaluable positive test case with the highest score; then the n
-    diseases whose such case scores highest (case_id, disease_id, disease, anatomy, score)."""
-    pos = pred.filter((pl.col("split") == "test") & pl.col("evaluable") & (pl.col("label") == 1)
-                      & pl.col("score").is_not_null())
-    best = pos.sort(["score", "case_id"], descending=[True, False]).unique("disease_id", keep="first",
-                                                                           maintain_order=True)
-    extra = ["prompt_style"] if "prompt_style" in best.columns else []
-    return best.head(n).select("case_id", "disease_id", "disease", "anatomy", "score", *extra)
-
-
 def make_all(model_dir, predictions, cases_table, ground_truth, out_dir, disease_catalog: str,
              device="auto", baseline_model_dir=None, n_cases: int = 100, n_hist_cases: int = 20,
-             n_maps: int = 6, hist_anatomies=None, crop_size=None, seed: int = 0,
-             map_mode: str = "nearest") -> dict[str, Path]:
-    """Write roc_per_organ.png, tsne.png, activation_histograms.png (model with a VQ-VAE only) and
-    activation_maps.png into out_dir; returns {name: path}.
+             n_maps: int = 3, hist_anatomies=None, crop_size=None, seed: int = 0,
+             map_mode: str = "nearest", per_class: int = 2, training: dict | None = None) -> dict[str, Path]:
+    """Write roc_per_organ.png, tsne.png, activation_histograms.png (model with a VQ-VAE only),
+    activation_maps.png and, for each {phase: metrics.csv} of ``training``, training_<phase>.png
+    into out_dir; returns {name: path}.
 
     Cases: the test cases of ``cases_table`` (qc/cases.parquet) with ground truth, n_cases of them drawn at random (seed) for the
     t-SNE, the first n_hist_cases of those for the histograms. Histogram anatomies: hist_anatomies, or
-    the anatomies of the catalog's zero-shot diseases, at most six. Maps: ``top_positive_cases``
-    (each disease's best-scored positive test case; the n_maps best). baseline_model_dir (e.g. the
+    the anatomies of the catalog's zero-shot diseases, at most six. Maps: ``map_cases`` (n_maps
+    diseases, per_class positive and per_class negative test cases each, chosen without scores).
+    ROC: operating points at the thresholds of zeroshot.csv beside ``predictions`` (chosen on
+    validation), where it exists. baseline_model_dir (e.g. the
     phase-2 model, w/o VSDB): a second t-SNE panel and a third histogram series.
     crop_size: as ``zeroshot.predict`` (None = whole volumes, else anatomy-centred crops; the maps
     then show the crop). map_mode: ``activation_map``'s upsampling.
@@ -445,7 +656,14 @@ def make_all(model_dir, predictions, cases_table, ground_truth, out_dir, disease
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device)
     pred = read_parquet(predictions)
-    paths = {"roc_per_organ": plot_roc_per_organ(pred, out_dir / "roc_per_organ.png")}
+    paths = {f"training_{phase}": plot_training_curves(csv, out_dir / f"training_{phase}.png", phase)
+             for phase, csv in (training or {}).items()}
+    table_csv = Path(predictions).parent / "zeroshot.csv"
+    thresholds = {}
+    if table_csv.exists():
+        t = pl.read_csv(table_csv).filter(pl.col("disease_id") != "mean").drop_nulls("threshold")
+        thresholds = dict(zip(t["disease_id"].to_list(), t["threshold"].to_list()))
+    paths["roc_per_organ"] = plot_roc_per_organ(pred, out_dir / "roc_per_organ.png", thresholds, seed=seed)
 
     table = read_parquet(cases_table)
     paths_of = paths_from(table)
@@ -484,17 +702,32 @@ def make_all(model_dir, predictions, cases_table, ground_truth, out_dir, disease
         log.info("figures: %s has no VQ-VAE; no activation histograms", model_dir)
 
     by_id = {d.id: d for d in catalog.diseases(disease_catalog)}
-    items = []
-    for r in top_positive_cases(pred.filter(pl.col("disease_id").is_in(list(by_id))), n_maps).iter_rows(named=True):
+    items, slots = [], []
+    chosen_maps = map_cases(pred.filter(pl.col("disease_id").is_in(list(by_id))), n_maps, per_class)
+    row_of = {d: i for i, d in enumerate(chosen_maps["disease_id"].unique(maintain_order=True).to_list())}
+    seen: dict[tuple[str, int], int] = {}
+    for r in chosen_maps.iter_rows(named=True):
+        # one row per disease: its positives in the first per_class columns, its negatives after
+        k = seen[r["disease_id"], r["label"]] = seen.get((r["disease_id"], r["label"]), -1) + 1
+        slots.append(row_of[r["disease_id"]] * 2 * per_class + (0 if r["label"] == 1 else per_class) + k)
         d = by_id[r["disease_id"]]
-        img, anat_map, _, boxes = load_case(paths_of[r["case_id"]])
+        case = paths_of[r["case_id"]]
+        img, anat_map, _, boxes = load_case(case)
+        hu_range = tuple(json.loads(case.meta.read_text(encoding="utf-8")).get("hu_window", PREPROCESS_HU))
         if crop_size is not None and d.anatomy in (boxes or {}):
             sl = anatomy_crop(boxes[d.anatomy], img.shape, crop_size)
             img, anat_map = img[sl], anat_map[sl]
         img, anat_map = np.asarray(img, np.float32), np.asarray(anat_map)
         style = r.get("prompt_style")  # the one the evaluation chose on validation
         amap = activation_map(model, img, anat_map, d, device, mode=map_mode, prompt_style=style)
-        items.append(MapPanel(f"{r['case_id']}: {d.name} (score {r['score']:.2f})", img, amap,
-                              anat_map == catalog.anatomy_by_name(d.anatomy).index))
-    paths["activation_maps"] = plot_activation_maps(items, out_dir / "activation_maps.png")
+        status = "positive" if r["label"] == 1 else "negative"
+        # the cohort records no lesion voxels: each panel shows the anatomy's centre slice
+        items.append(MapPanel(f"{d.name}: {status}, {r['case_id']} (score {r['score']:.2f})", img, amap,
+                              anat_map == catalog.anatomy_by_name(d.anatomy).index, d.anatomy, None, hu_range))
+    paths["activation_maps"] = plot_activation_maps(
+        items, out_dir / "activation_maps.png", ncols=2 * per_class, slots=slots,
+        title=f"Visual activation maps, test split: per disease the first {per_class} positive and {per_class} "
+              "negative cases by case id (chosen without scores)\ncos(token embedding, positive prompt) inside the "
+              "anatomy (white outline); red > 0 > blue, one scale; slice through the anatomy's centre "
+              "(the cohort records no lesion voxels)")
     return paths
