@@ -18,6 +18,10 @@ from ctvlp.training import launch
 # workflow and `ctvlp validate-config` accept the same files (the Snakefile checked config.yaml
 # before Snakemake read it; a --configfile YTE template Snakemake has evaluated already).
 cfgmod.check_files(workflow.configfiles)
+
+# --use-conda: each env's post-deploy script pip-installs ctvlp from this checkout (envs/*.post-deploy.sh),
+# also when snakemake runs with --directory elsewhere
+os.environ.setdefault("CTVLP_SOURCE", workflow.basedir)
 # Fill defaults and stop at start with the offending key on any unknown key, wrong type, NaN or
 # infinity, split fractions that sum to zero or a brace in a path.
 config.update(cfgmod.validate(config))
