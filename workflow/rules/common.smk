@@ -155,3 +155,66 @@ VARIANT_MODEL = {
 def model_of(w):
     folder = "train/boost" if w.evaldir == "eval" else VARIANT_MODEL[w.evaldir.split("/")[-1]]
     return {"weights": results_path(f"{folder}/model.safetensors"), "config": results_path(f"{folder}/config.json")}
+
+
+# ---- what the cohort and the per-case shards read beyond their input files (cohort.smk, imaging.smk) ----
+from ctvlp.imaging.stage import file_identity as _file_identity
+
+
+def _as_list(value):
+    return [] if not value else [value] if isinstance(value, str) else list(value)
+
+
+def cohort_inputs(wildcards):
+    """The table, CT-RATE CSVs and YAML disease catalog the cohort reads."""
+    cohort = config["cohort"]
+    if cohort["source"] == "table":
+        files = _as_list(cohort["table"]["path"])
+    elif cohort["source"] == "ctrate":
+        files = [f for key in ("metadata_csv", "reports_csv", "labels_csv") for f in _as_list(cohort["ctrate"][key])]
+    else:
+        files = []
+    catalog = config["evaluate"]["catalog"]
+    return files + ([catalog] if str(catalog).endswith((".yaml", ".yml")) else [])
+
+
+def _stats_under(path):
+    """{file: (size, mtime_ns)} of a file, or of every file under a folder (stat only)."""
+    path = Path(path)
+    files = [Path(d) / f for d, _, names in os.walk(path) for f in names] if path.is_dir() else [path]
+    return {str(f): _file_identity(f, content=False) for f in files}
+
+
+def cohort_reads(wildcards):
+    """Digest of what the cohort reads beyond its input files (see the top of this file)."""
+    cohort = config["cohort"]
+    found = {}
+    if cohort["source"] == "table" and cohort["table"]["path"]:
+        from ctvlp.cohort.tables import read_table
+
+        table = Path(cohort["table"]["path"])
+        try:
+            df = read_table(table, cohort["text_fallback_encoding"])
+        except Exception as e:  # the cohort job reports it, naming the table
+            return f"unreadable: {type(e).__name__}"
+        for col in (cohort["table"]["image_col"], cohort["table"]["mask_col"]):
+            for value in (df[col].to_list() if col and col in df.columns else []):
+                if value and str(value).strip():
+                    p = Path(str(value).strip()).expanduser()
+                    found.update(_stats_under(p if p.is_absolute() else table.resolve().parent / p))
+    elif cohort["source"] == "ctrate" and cohort["ctrate"]["volumes_root"]:
+        root = Path(cohort["ctrate"]["volumes_root"])
+        found = {"volumes": sorted(os.path.relpath(Path(d) / f, root) for d, _, names in os.walk(root)
+                                   for f in names if ".nii" in f)}
+    return cfgmod.digest(found)
+
+
+from ctvlp.imaging.stage import shard_inputs_digest
+
+
+def shard_inputs(segment_cfg=None):
+    def inner(wildcards):
+        return shard_inputs_digest(results_path("cohort/manifest.parquet"), int(wildcards.shard),
+                                   config["shard_size"], segment_cfg)
+
+    return inner

@@ -6,19 +6,9 @@
 # job's declared output is its table of cases (results/shards/...), which qc gathers.
 #
 # Stale input: a shard's params hold the size and mtime of its cases' image, mask and precomputed
-# segmentation files (stage.shard_inputs_digest, stat only), so a plain `snakemake` re-runs exactly
+# segmentation files (shard_inputs in common.smk, stat only), so a plain `snakemake` re-runs exactly
 # the shards whose files changed; each case's stamp (with a content digest of those files) then
 # redoes only the changed cases, also under --forcerun.
-from ctvlp.imaging.stage import shard_inputs_digest
-
-
-def shard_inputs(segment_cfg=None):
-    def inner(wildcards):
-        return shard_inputs_digest(results_path("cohort/manifest.parquet"), int(wildcards.shard),
-                                   config["shard_size"], segment_cfg)
-
-    return inner
-
 
 
 wildcard_constraints:
