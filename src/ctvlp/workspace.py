@@ -30,6 +30,7 @@ import hashlib
 import os
 import re
 import shutil
+import tempfile
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -263,12 +264,14 @@ def fsync_dir(folder) -> None:
 
 def atomic_write(path, writer: Callable[[Path], object]) -> Path:
     """Write ``path`` complete or not at all: ``writer(tmp)`` writes a temporary file beside it
-    (``.<name>.<pid>.tmp``, same folder, so the rename stays on one file system); the file is
-    fsynced, renamed over ``path`` and the folder fsynced, so after a crash or a kill readers see
-    the old file or the complete new one. The temporary file is removed when anything fails.
-    The folder must exist (a missing one is an error, not created here)."""
+    (``.<name>.<random>.tmp``, unique also between threads, same folder, so the rename stays on one
+    file system); the file is fsynced, renamed over ``path`` and the folder fsynced, so after a
+    crash or a kill readers see the old file or the complete new one. The temporary file is removed
+    when anything fails. The folder must exist (a missing one is an error, not created here)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         writer(tmp)
         with open(tmp, "rb") as fh:

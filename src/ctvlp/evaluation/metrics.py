@@ -11,7 +11,7 @@ import polars as pl
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from tabulate import tabulate
 
-from ..workspace import read_parquet
+from ..workspace import atomic_write, read_parquet, write_parquet_atomic, write_text_atomic
 
 METRICS = ["auc", "sensitivity", "specificity", "accuracy", "precision", "f1"]
 
@@ -176,9 +176,9 @@ def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot
                         pl.col("test_not_evaluable").sum())
     full = pl.concat([table, mean], how="diagonal_relaxed")
     paths = {"csv": out_dir / f"{stem}.csv", "parquet": out_dir / f"{stem}.parquet", "md": out_dir / f"{stem}.md"}
-    full.write_csv(paths["csv"])
-    full.write_parquet(paths["parquet"])
-    paths["md"].write_text((note + "\n\n" if note else "") + markdown(full))
+    atomic_write(paths["csv"], full.write_csv)
+    write_parquet_atomic(full, paths["parquet"])
+    write_text_atomic(paths["md"], (note + "\n\n" if note else "") + markdown(full))
     # per organ (the paper's Table 2) and local vs diffuse (its Table 8): means over diseases
     for by in ("organ", "type"):
         summary = (table.group_by(by, maintain_order=True)
@@ -186,8 +186,8 @@ def write_tables(table: pl.DataFrame, out_dir: str | Path, stem: str = "zeroshot
                         pl.col("test_positives").sum()))
         paths[f"by_{by}_csv"] = out_dir / f"{stem}_by_{by}.csv"
         paths[f"by_{by}_md"] = out_dir / f"{stem}_by_{by}.md"
-        summary.write_csv(paths[f"by_{by}_csv"])
-        paths[f"by_{by}_md"].write_text(markdown(summary))
+        atomic_write(paths[f"by_{by}_csv"], summary.write_csv)
+        write_text_atomic(paths[f"by_{by}_md"], markdown(summary))
     return paths
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError
-from ..workspace import atomic_write
+from ..workspace import atomic_write, write_text_atomic
 from .config import ModelConfig
 from .network import CTVLP
 
@@ -50,7 +50,7 @@ def atomic_save(tensors: dict, path: Path, metadata: dict | None = None):
 def save_model(model: CTVLP, out_dir, extra: dict) -> None:
     """``out_dir``/model.safetensors (atomic) and config.json: the model's config plus ``extra``."""
     atomic_save(model_state(model), Path(out_dir) / WEIGHTS)
-    (Path(out_dir) / CONFIG).write_text(json.dumps({"model": model.config.to_dict(), **extra}, indent=1))
+    write_text_atomic(Path(out_dir) / CONFIG, json.dumps({"model": model.config.to_dict(), **extra}, indent=1))
 
 
 def read_config(model_dir) -> tuple[ModelConfig, dict]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from functools import lru_cache
@@ -20,6 +18,7 @@ from pathlib import Path
 
 from ... import catalog as _cat
 from ...catalog import Disease
+from ...workspace import write_text_atomic
 from ..schema import ERR_NO_ANATOMY, PRESENCES
 from .prompt import Prompt
 
@@ -78,21 +77,9 @@ def make_entry(
 
 
 def write_entry(path: Path, entry: dict) -> None:
-    """Write ``entry`` as JSON at ``path`` atomically (temp file beside it, fsync, ``os.replace``)."""
+    """Write ``entry`` as JSON at ``path``, complete or not at all (``workspace.atomic_write``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(entry, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_text_atomic(path, json.dumps(entry, ensure_ascii=False))
 
 
 def entry_problem(data, diseases: Sequence[Disease]) -> str | None:
