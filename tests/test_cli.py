@@ -121,6 +121,27 @@ def test_lines_says_when_an_iterable_ends_early(caplog, monkeypatch):
     assert caplog.records[-1].getMessage() == "embed: 4/10 cases (ended early)"
 
 
+def test_counter_logs_out_of_order_work_per_tenth_with_its_postfix(caplog, monkeypatch):
+    """The LLM backend's thread pool finishes reports in any order: a line per tenth, the last with
+    the numbers set_postfix gave, and a closing line when the run stopped early."""
+    monkeypatch.setattr(progress, "interactive", lambda stream=None: False)
+    with caplog.at_level(logging.INFO, logger=progress.PROGRESS):
+        done = progress.counter(20, "reports (llm)", "report")
+        for i in range(20):
+            done.set_postfix(unparsed=i // 10, refresh=False)
+            done.update(1)
+        done.close()
+        stopped = progress.counter(10, "reports (llm)", "report")
+        stopped.update(3)
+        stopped.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == progress.PROGRESS]
+    assert len(messages) == 12
+    assert [m.split(" (")[1].split(")")[0] for m in messages[:10]] == ["llm"] * 10
+    assert [m.split(": ")[1].split(" ")[0] for m in messages[:10]] == [f"{n}/20" for n in range(2, 21, 2)]
+    assert messages[9].startswith("reports (llm): 20/20 reports") and messages[9].endswith("; unparsed 1")
+    assert messages[-1] == "reports (llm): 3/10 reports (stopped)" and not any("\r" in m for m in messages)
+
+
 def test_bar_is_disabled_off_a_terminal(monkeypatch):
     monkeypatch.setattr(progress, "interactive", lambda stream=None: False)
     assert progress.bar(range(3)).disable

@@ -81,3 +81,39 @@ def lines(iterable: Iterable, total: int, what: str, unit: str, *, parts: int = 
             log.info("%s: %d/%d %ss (%.1f %s/s)", what, done, total, unit, done / max(now - start, 1e-9), unit)
     if done != total:  # an iterable shorter than announced: its real end
         log.info("%s: %d/%d %ss (ended early)", what, done, total, unit)
+
+
+class _Lines:
+    """``counter``'s line-per-tenth form (not a terminal): tqdm's update / set_postfix / close."""
+
+    def __init__(self, total: int, what: str, unit: str, parts: int, every_s: float):
+        self.total, self.what, self.unit, self.every_s = total, what, unit, every_s
+        self.step = max(1, -(-total // parts)) if total else 1
+        self.done, self.postfix = 0, ""
+        self.start = self.last = time.perf_counter()
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:  # refresh: tqdm's signature, unused
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        before, self.done = self.done, self.done + n
+        now = time.perf_counter()
+        if self.done // self.step > before // self.step or self.done == self.total or now - self.last >= self.every_s:
+            self.last = now
+            log.info("%s: %d/%d %ss (%.1f %s/s)%s", self.what, self.done, self.total, self.unit,
+                     self.done / max(now - self.start, 1e-9), self.unit, f"; {self.postfix}" if self.postfix else "")
+
+    def close(self) -> None:
+        if self.done != self.total:
+            log.info("%s: %d/%d %ss (stopped)", self.what, self.done, self.total, self.unit)
+
+
+def counter(total: int, what: str, unit: str, *, parts: int = 10, every_s: float = 60.0):
+    """A progress counter for work that finishes out of order (a thread pool): ``update(n)``,
+    ``set_postfix(**values)``, ``close()``. A tqdm bar on a terminal; elsewhere a progress line as
+    ``lines`` writes them, after each tenth of ``total``, at least every ``every_s`` seconds and at
+    the end."""
+    if interactive():
+        return bar(total=total, desc=what, unit=unit)
+    return _Lines(total, what, unit, parts, every_s)
+

@@ -20,6 +20,7 @@ import polars as pl
 
 from ... import catalog as _cat
 from ... import config as _config
+from ...progress import counter as progress_counter
 from ..schema import ERR_EMPTY, ERR_NO_ANATOMY, REPORT_SCHEMA, clean_text
 from .answer import AnswerError, validate_answer
 from .cache import entry_key, make_entry, read_entry, write_entry
@@ -234,9 +235,7 @@ class LLMReportParser:
         state = {"in_row": 0, "systematic": None}  # shared by the workers, under self._stats_lock
         bar = None
         if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(todo), desc="reports (llm)", unit="report")
+            bar = progress_counter(len(todo), "reports (llm)", "report")
 
         def work(key: str) -> dict:
             if stopped.is_set():
@@ -290,12 +289,12 @@ class LLMReportParser:
                         if stopped.is_set():
                             stop(pending)
                         if bar is not None:
-                            bar.update(1)
                             bar.set_postfix(
                                 prompt_tok=stats.prompt_tokens, compl_tok=stats.completion_tokens,
                                 unparsed=n_unparsed,
                                 refresh=False,
                             )
+                            bar.update(1)
             except BaseException:
                 stop(futures)
                 raise
