@@ -79,13 +79,8 @@ def check_header_geometry(what: str, dimension: int, spacing, origin, direction)
         raise CaseExcluded(f"{what}: {problem}")
 
 
-def check_mask(path: str | Path, image_dimension: int = 3, what: str = "mask") -> None:
-    """A mask (label image) file's header before it is read: readable, one component, as many
-    dimensions as its image (a 2D slice or a 4D stack for a 3D CT is refused; a 4D file whose
-    fourth axis has length 1 is read as 3D by ITK and passes), finite spacing/origin/direction and
-    an orthonormal direction matrix. Its grid may differ from the image's (masks are resampled
-    through physical coordinates; one that lands mostly off the image is refused there)."""
-    path = Path(path)
+def _header(path: Path, what: str) -> sitk.ImageFileReader:
+    """A file's header read without its voxels; a missing or unreadable file excludes the case."""
     if not path.is_file():
         raise CaseExcluded(f"{what} not found: {path}")
     reader = sitk.ImageFileReader()
@@ -94,6 +89,17 @@ def check_mask(path: str | Path, image_dimension: int = 3, what: str = "mask") -
         reader.ReadImageInformation()
     except RuntimeError as e:
         raise CaseExcluded(f"unreadable {what} {path}: {first_line(e)}") from e
+    return reader
+
+
+def check_mask(path: str | Path, image_dimension: int = 3, what: str = "mask") -> None:
+    """A mask (label image) file's header before it is read: readable, one component, as many
+    dimensions as its image (a 2D slice or a 4D stack for a 3D CT is refused; a 4D file whose
+    fourth axis has length 1 is read as 3D by ITK and passes), finite spacing/origin/direction and
+    an orthonormal direction matrix. Its grid may differ from the image's (masks are resampled
+    through physical coordinates; one that lands mostly off the image is refused there)."""
+    path = Path(path)
+    reader = _header(path, what)
     dim, size = reader.GetDimension(), list(reader.GetSize())
     if dim != image_dimension:
         raise CaseExcluded(f"{what} {path} is {dim}D (size {size}) but its image is {image_dimension}D")
@@ -241,14 +247,7 @@ def check_image(path: str | Path, cfg: dict, verify_data: bool = False, image: s
         size, spacing, dim = img.GetSize(), img.GetSpacing(), img.GetDimension()
         origin, direction = img.GetOrigin(), img.GetDirection()
     else:
-        if not path.is_file():
-            raise CaseExcluded(f"image not found: {path}")
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as e:
-            raise CaseExcluded(f"unreadable image {path}: {first_line(e)}") from e
+        reader = _header(path, "image")
         size, spacing, dim = reader.GetSize(), reader.GetSpacing(), reader.GetDimension()
         origin, direction = reader.GetOrigin(), reader.GetDirection()
         if reader.GetNumberOfComponents() != 1:
