@@ -14,9 +14,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import choose_defaults as cd  # noqa: E402
+import choose_defaults as cd
 
-from ctvlp import config as cfgmod  # noqa: E402
+from ctvlp import config as cfgmod
 
 DISEASES = ("d1", "d2", "d3")
 N_VAL, N_TEST, N_TRAIN = 60, 40, 10
