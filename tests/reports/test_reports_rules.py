@@ -24,7 +24,8 @@ from ctvlp.reports.stage import write_reports
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARK = ROOT / "benchmarks" / "report_labels.py"
 REAL_CSV = ROOT.parent / "shared" / "data" / "real_reports" / "ctrate_manual_labels_val200.csv"
-# measured macro F1 of the rules backend on REAL_CSV: 0.9763 (rules-1 and rules-2); floor = measured - margin
+# measured macro F1 of the rules backend on REAL_CSV (in-sample: the reports the lexicon was refined on):
+# 0.9763 (rules-1 and rules-2); floor = measured - margin
 MACRO_F1_FLOOR = 0.95
 
 DEMO = catalog.diseases("demo")
@@ -532,7 +533,11 @@ def test_benchmark_on_handwritten_csv(tmp_path):
     assert (out / "report_labels_predictions.csv").is_file()
 
 
-def test_benchmark_on_real_ctrate_reports():
+def test_rules_f1_regression_guard_on_development_reports():
+    """Regression guard, not an accuracy claim: the rules parser's macro F1 on the 200 real CT-RATE
+    reports its lexicon was refined on (in-sample) must not fall below MACRO_F1_FLOOR. A change to
+    the rules that loses ground on these reports fails here; F1 on unseen reports is not measured
+    (there is no held-out set)."""
     if not REAL_CSV.is_file():
         pytest.skip(f"CT-RATE manual label CSV not found at {REAL_CSV}")
     res = _run_benchmark(REAL_CSV)
