@@ -386,3 +386,26 @@ def test_lesion_scale_grows_local_lesions_only(cases):
     grown = [d for d in local if case.labels[d]]
     assert grown and all(volume(big, d) > 1.5 * volume(case, d) for d in grown), \
         {d: (volume(case, d), volume(big, d)) for d in grown}
+
+
+def test_test_seed_renders_a_fresh_test_split_and_keeps_train_and_val(tmp_path, monkeypatch):
+    """cohort.test_seed: every test case comes from another generator seed (its own ids and
+    content), while the training and validation cases are exactly those of the cohort without it."""
+    monkeypatch.chdir(tmp_path)
+    base = pl.read_parquet(write_cohort("a", 10, SEED, extra_test=2))
+    fresh = pl.read_parquet(write_cohort("b", 10, SEED, extra_test=2, test_seed=SEED + 101))
+    same = ["case_id", "split", "report_text", "spacing_x", "shape_z"]
+    keep = pl.col("split") != "test"
+    assert fresh.filter(keep).select(same).equals(base.filter(keep).select(same))
+    old_test, new_test = base.filter(~keep), fresh.filter(~keep)
+    assert new_test.height == old_test.height == 2 + (base.head(10)["split"] == "test").sum()
+    assert all(c.startswith(f"demo_s{SEED + 101}_") for c in new_test["case_id"])
+    assert not set(new_test["case_id"]) & set(base["case_id"])
+    # other cases, not renamed copies: their reports differ from the cohort's own at the same index
+    index = {c: c.rsplit("_", 1)[1] for c in new_test["case_id"]}
+    old_text = {c.rsplit("_", 1)[1]: t for c, t in zip(old_test["case_id"], old_test["report_text"])}
+    assert sum(t != old_text[index[c]] for c, t in zip(new_test["case_id"], new_test["report_text"])) >= 2
+    truth = pl.read_parquet("b/ground_truth.parquet")
+    assert set(truth["case_id"]) == set(fresh["case_id"])
+    with pytest.raises(ValueError, match="never used"):
+        write_cohort("c", 10, SEED, test_seed=SEED)

@@ -5,7 +5,7 @@ import torch
 
 from ctvlp import catalog
 from ctvlp.model.config import ModelConfig
-from ctvlp.model.losses import alignment_loss, calibrated_targets
+from ctvlp.model.losses import AlignmentLoss, AnatomyRows, alignment_loss, calibrated_targets
 from ctvlp.model.network import CTVLP
 from ctvlp.model.vision import N_ANATOMIES, QueryPool, VisionEncoder
 from ctvlp.model.zeroshot import zero_shot_scores
@@ -297,3 +297,25 @@ def test_gpu_layout_computes_the_same_features_and_gradients():
     assert torch.allclose(x.grad, ref_x, atol=1e-5)
     for n, p in enc.named_parameters():
         assert torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-4), n
+
+
+def test_eq1_image_to_text_as_the_paper_writes_it_and_symmetric_hand_computed():
+    """train.align_direction: "i2t" is the paper's Eq. 1 (each image row's softmax over the texts);
+    "symmetric" averages it with text-to-image. Hand-computed at temperature 1: images e1, e2, both
+    texts e1, so image logits [[1, 1], [0, 0]] (each row -log 1/2) and text logits [[1, 0], [1, 0]]."""
+    img = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    txt = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]])
+    valid, normal, tid = _pairs([False, False], [0, 1])
+    pos = calibrated_targets(valid, normal, tid, calibrate=False)
+    i2t = alignment_loss(img, txt, valid, pos, torch.tensor(0.0), direction="i2t")
+    assert i2t.item() == pytest.approx(math.log(2), abs=1e-6)
+    t2i = 0.5 * (math.log(1 + 1 / E) + math.log(1 + E))  # text 1 picks image 1: -log(e/(e+1)); text 2: -log(1/(e+1))
+    sym = alignment_loss(img, txt, valid, pos, torch.tensor(0.0), direction="symmetric")
+    assert sym.item() == pytest.approx(0.5 * (math.log(2) + t2i), abs=1e-6)
+    assert alignment_loss(img, txt, valid, pos, torch.tensor(0.0)).item() == sym.item()  # the default
+    rows = AnatomyRows(valid, normal, tid)
+    assert AlignmentLoss(False, "i2t")(img, txt, rows, torch.tensor(0.0)).item() == pytest.approx(math.log(2), abs=1e-6)
+    with pytest.raises(ValueError, match="direction"):
+        AlignmentLoss(True, "t2i")
+    with pytest.raises(ValueError, match="direction"):
+        alignment_loss(img, txt, valid, pos, torch.tensor(0.0), direction="both")

@@ -13,6 +13,7 @@ from ctvlp.model.losses import disease_contrastive_loss, instance_contrastive_lo
 from ctvlp.model.network import CTVLP
 from ctvlp.model.normality import NormalityVQVAE, PerceptionMLP, anatomy_token_rows
 from ctvlp.model.vision import N_ANATOMIES
+from ctvlp.training.trainable import set_trainable
 
 
 def _lse(*xs):
@@ -323,3 +324,28 @@ def test_global_baseline_heads(vq_model):
     assert txt.shape == (2, 16) and torch.allclose(txt.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_phase4_gradient_through_the_frozen_vqvae_only_when_asked(straight_through):
+    """train.boost.gradient: with the perception module reading only q (its f inputs zeroed), the
+    encoder gets a gradient exactly when the path through the frozen VQ-VAE is open
+    (straight_through); the VQ-VAE's own parameters and codebook never change either way."""
+    torch.manual_seed(0)
+    model = CTVLP(ModelConfig.from_settings(widths=(4, 8, 8, 16), embed_dim=16, heads=2, vq_codes=4, vq_dim=8,
+                                            vq_depth=1, vq_heads=2, text_max_length=32, fusion="replace"))
+    set_trainable(model, "boost")
+    model.vq_gradient = straight_through
+    c = model.perception.mlp[0].in_features // 2
+    with torch.no_grad():
+        model.perception.mlp[0].weight[:, :c] = 0  # f_hat = MLP(0 * f, q): only q reaches the output
+    book = model.vqvae.codebook.clone()
+    image, anatomy = _volume(2)
+    emb, _ = model.encode_image(image, anatomy, boost=True)
+    emb.sum().backward()
+    grads = [p.grad for p in model.vision.parameters()]
+    reached = any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert reached == straight_through
+    assert all(p.grad is None for p in model.vqvae.parameters())  # frozen parameters, either way
+    assert torch.equal(model.vqvae.codebook, book)
+    assert model.perception.mlp[0].weight.grad is not None  # the perception module trains either way

@@ -29,6 +29,7 @@ from ctvlp.training.loop import (
     PhaseTask,
     autocast_dtype,
     loader_workers,
+    make_optimizer,
     run_phase,
     warmup_cosine,
 )
@@ -384,3 +385,25 @@ def test_best_val_selection_keeps_the_lowest_validation_epoch(tmp_path):
     assert_same_state(saved, after_epoch[1])
     assert not (tmp_path / "best.safetensors").exists() and not (tmp_path / CHECKPOINT).exists()
     assert not all(torch.equal(saved[k], after_epoch[2][k]) for k in saved)  # not the last epoch's
+
+
+def test_optimizer_adam_is_the_papers_and_adamw_decouples_the_decay(tmp_path):
+    """train.optimizer, hand-computed on one scalar's first step (Adam's first update is lr times
+    the sign of its gradient): p = 1, loss gradient 0.5, lr 0.1, weight decay 0.1. Adam adds the
+    decay to the gradient (0.6, same sign): p = 1 - 0.1 = 0.9. AdamW decays p first (1 - 0.1 * 0.1)
+    and then takes the step: 0.89. The loop uses the configured one, and a checkpoint written under
+    the other refuses to resume."""
+    for name, expected in (("adam", 0.9), ("adamw", 0.89)):
+        p = torch.nn.Parameter(torch.tensor([1.0]))
+        opt = make_optimizer(name, [p], lr=0.1, weight_decay=0.1)
+        (0.5 * p).sum().backward()
+        opt.step()
+        assert p.item() == pytest.approx(expected, abs=1e-6), name
+    with pytest.raises(ValueError, match="optimizer"):
+        make_optimizer("sgd", [torch.nn.Parameter(torch.zeros(1))], 0.1, 0.0)
+    adam, _ = toy_run(tmp_path / "adam", cfg={**TOY, "optimizer": "adam"})
+    adamw, _ = toy_run(tmp_path / "adamw", cfg={**TOY, "optimizer": "adamw"})
+    default, _ = toy_run(tmp_path / "default")
+    assert_same_state(adamw, default)  # AdamW is the default
+    assert any(not torch.equal(adam[k], adamw[k]) for k in adam)
+    assert LoopSettings.from_dict({**TOY, "optimizer": "adam"}).numbers()["optimizer"] == "adam"

@@ -137,3 +137,67 @@ def test_text_center_is_set_once_from_the_training_reports(tiny_cohort, tmp_path
     reports.with_columns(pl.lit("Changed wording of every finding.").alias("text")).write_parquet(changed)
     run("align", tiny_cohort["cases"], changed, tmp_path / "b", s["model"], s["train"], 0, init=tmp_path / "a")
     assert torch.equal(load_model(tmp_path / "b").txt_center, saved)
+
+
+PAPER = {"align_direction": "i2t", "optimizer": "adam", "weight_decay": 0.0, "unmentioned_as_normal": False}
+
+
+@pytest.fixture(scope="module")
+def paper_chain(tiny_cohort, tmp_path_factory):
+    """Phases 1-4 with every switch at the paper's setting (config.paper.yaml's)."""
+    root = tmp_path_factory.mktemp("paper")
+    s = config.validate({"model": {**MODEL, "fusion": "replace", "train_text_head": True}, "train": {
+        "epochs": 4, "batch_size": 6, "crop_size": [32, 32, 48], "flip": False, "lr": 3e-3, "threads": 2,
+        "device": "cpu", "warmup_epochs": 0, **PAPER, "visual_cl": {"epochs": 4, "momentum": 0.5},
+        "normality": {"epochs": 4, "lr": 3e-3}, "boost": {"epochs": 3, "gradient": "straight_through"}}})
+    out = {}
+    for phase, init in (("visual_cl", None), ("align", "visual_cl"), ("normality", "align"), ("boost", "normality")):
+        out[phase] = root / phase
+        run(phase, tiny_cohort["cases"], tiny_cohort["reports"], out[phase], s["model"], s["train"], 0,
+            init=out.get(init))
+    return out
+
+
+def test_the_paper_switches_train_and_are_recorded(chain, paper_chain):
+    for phase, folder in paper_chain.items():
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        assert {k: cfg["train"][k] for k in PAPER} == PAPER, phase
+        losses = pl.read_csv(folder / "metrics.csv")["loss"]
+        assert losses.is_finite().all() and losses.len() > 0, phase
+    boost = json.loads((paper_chain["boost"] / "config.json").read_text(encoding="utf-8"))
+    assert boost["train"]["gradient"] == "straight_through"
+    assert load_model(paper_chain["boost"]).perception.fusion == "replace"
+    # phase 4 trains the encoder and leaves the VQ-VAE as phase 3 left it
+    assert _same(_weights(paper_chain["normality"], "vqvae."), _weights(paper_chain["boost"], "vqvae."))
+    assert not _same(_weights(paper_chain["normality"], "vision."), _weights(paper_chain["boost"], "vision."))
+    # unmentioned anatomies are not normal: phase 3 sees no more normal validation rows than the
+    # default chain on the same cases (the tiny validation crops hold few unmentioned anatomies;
+    # the data-level test below shows the difference), and as many abnormal ones
+    paper3 = json.loads((paper_chain["normality"] / "config.json").read_text(encoding="utf-8"))["normality"]
+    default3 = json.loads((chain["normality"] / "config.json").read_text(encoding="utf-8"))["normality"]
+    assert paper3["n_normal"] <= default3["n_normal"] and paper3["n_abnormal"] == default3["n_abnormal"]
+
+
+def test_unmentioned_anatomies_leave_every_normal_set_when_excluded():
+    from ctvlp import catalog
+    from ctvlp.reports.schema import REPORT_SCHEMA
+
+    def row(case_id, anatomy, text, status):
+        return {"case_id": case_id, "anatomy": anatomy, "text": text, "status": status, "findings": [],
+                "backend": "rules", "model": "rules", "prompt_version": "rules-1", "error": None}
+
+    reports = pl.DataFrame([row("a", "liver", "The liver is normal.", "normal"),
+                            row("a", "kidney", None, "not_mentioned"),
+                            row("b", "liver", "A 2 cm liver cyst.", "abnormal"),
+                            row("b", "kidney", "Kidneys unremarkable.", "normal"),
+                            row("c", "liver", None, "not_mentioned")], schema=REPORT_SCHEMA)
+    liver, kidney = (catalog.anatomy_by_name(n).index - 1 for n in ("liver", "kidney"))
+    as_normal = anatomy_texts(reports, ["a", "b", "c"], unmentioned_as_normal=True)
+    excluded = anatomy_texts(reports, ["a", "b", "c"], unmentioned_as_normal=False)
+    unmentioned = [(0, kidney), (2, liver)]
+    for i, j in unmentioned:  # default: normal with a stock text (Eq. 1, 2 and the VQ-VAE's normal set)
+        assert as_normal.normal[i, j] and as_normal.texts[as_normal.text_idx[i, j]].endswith("is unremarkable.")
+        # excluded: no text, so not valid in any loss, not normal, no calibration group
+        assert excluded.text_idx[i, j] == -1 and not excluded.normal[i, j] and excluded.groups[i, j] == -1
+    for i, j, normal in ((0, liver, True), (1, liver, False), (1, kidney, True)):  # assessed rows stay as they are
+        assert excluded.text_idx[i, j] >= 0 and excluded.normal[i, j] == as_normal.normal[i, j] == normal

@@ -22,7 +22,7 @@ def build_cohort(settings: dict, out_dir, threads: int = 1) -> dict[str, Path]:
         path = write_cohort(out_dir, n_cases=cohort["n_cases"], seed=seed, split=tuple(cohort["split"]),
                             extra_test=cohort["test_cases"], extra_val=cohort["val_cases"],
                             extra_train=cohort["train_cases"], lesion_scale=cohort["lesion_scale"],
-                            workers=threads)
+                            test_seed=cohort["test_seed"], workers=threads)
         return {"manifest": path}
     if cohort["source"] == "ctrate":
         source = cohort["ctrate"]

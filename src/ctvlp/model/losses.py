@@ -2,7 +2,8 @@
 ``loss(a, b, rows, logit_scale)`` with ``a``, ``b`` (B, M, D) normalised embeddings and ``rows``
 (``AnatomyRows``: which (sample, anatomy) rows are valid, normal, and their text group).
 
-- ``AlignmentLoss``: Eq. 1, image vs text, symmetric, with fVLM's false-negative calibration.
+- ``AlignmentLoss``: Eq. 1, image vs text, with fVLM's false-negative calibration; image-to-text
+  as the paper writes it, or symmetric (image-to-text and text-to-image averaged, CLIP's form).
 - ``DiseaseContrastLoss``: Eq. 2, a view vs the momentum encoder's second view; normal rows of an
   anatomy are positives of each other.
 - ``InstanceContrastLoss``: the ablation's instance-level contrast (each row's only positive is
@@ -28,16 +29,23 @@ class AnatomyRows(NamedTuple):
     groups: torch.Tensor  # (B, M) long: abnormal rows with the same group id state the same findings
 
 
-class AlignmentLoss(nn.Module):
-    """Eq. 1 (image ``a`` vs text ``b``) with fVLM's false-negative calibration when ``calibrate``."""
+DIRECTIONS = ("symmetric", "i2t")
 
-    def __init__(self, calibrate: bool = True):
+
+class AlignmentLoss(nn.Module):
+    """Eq. 1 (image ``a`` vs text ``b``) with fVLM's false-negative calibration when ``calibrate``;
+    ``direction`` (``train.align_direction``): "i2t" as the paper's Eq. 1, "symmetric" averages it
+    with text-to-image."""
+
+    def __init__(self, calibrate: bool = True, direction: str = "symmetric"):
         super().__init__()
-        self.calibrate = calibrate
+        if direction not in DIRECTIONS:
+            raise ValueError(f"Eq. 1 direction must be one of {DIRECTIONS}, not {direction!r}")
+        self.calibrate, self.direction = calibrate, direction
 
     def forward(self, a, b, rows: AnatomyRows, logit_scale) -> torch.Tensor:
         positives = calibrated_targets(rows.valid, rows.normal, rows.groups, self.calibrate)
-        return alignment_loss(a, b, rows.valid, positives, logit_scale)
+        return alignment_loss(a, b, rows.valid, positives, logit_scale, self.direction)
 
 
 class DiseaseContrastLoss(nn.Module):
@@ -76,8 +84,9 @@ def calibrated_targets(valid: torch.Tensor, normal: torch.Tensor, groups: torch.
 
 
 def alignment_loss(img: torch.Tensor, txt: torch.Tensor, valid: torch.Tensor, positives: torch.Tensor,
-                   logit_scale: torch.Tensor) -> torch.Tensor:
-    """Eq. 1 per anatomy over the batch, symmetric (image->text and text->image).
+                   logit_scale: torch.Tensor, direction: str = "symmetric") -> torch.Tensor:
+    """Eq. 1 per anatomy over the batch: "i2t" each image row's softmax over the texts of its
+    anatomy (the paper's Eq. 1), "symmetric" the mean of that and text->image (CLIP's form).
 
     img, txt (B, M, D) normalised; valid (B, M); positives (M, B, B) from calibrated_targets.
     Targets spread evenly over each row's positives (soft CLIP targets). Anatomies with fewer than
@@ -95,6 +104,10 @@ def alignment_loss(img: torch.Tensor, txt: torch.Tensor, valid: torch.Tensor, po
         tg = tg / tg.sum(-1, keepdim=True).clamp_min(1.0)
         return -(tg * logp).sum(-1)
 
+    if direction == "i2t":
+        return _row_mean(directional(logits, pos), counted)
+    if direction != "symmetric":
+        raise ValueError(f"Eq. 1 direction must be one of {DIRECTIONS}, not {direction!r}")
     per_row = directional(logits, pos) + directional(logits.transpose(1, 2), pos.transpose(1, 2))
     return 0.5 * _row_mean(per_row, counted)
 

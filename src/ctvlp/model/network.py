@@ -4,6 +4,7 @@ trainable BERT-style encoder pooled per anatomy. A CLIP-style global head for th
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -64,6 +65,10 @@ class CTVLP(nn.Module):
             self.register_buffer("boost_on", torch.tensor(False))
             self._boost = False
             self.register_load_state_dict_post_hook(_read_boost_flag)
+        # phase 4 (train.boost.gradient): False = q is computed without gradient (no path through the
+        # frozen VQ-VAE to the encoder); True = the path stays open (straight-through past the
+        # quantiser), so the encoder also learns from how its tokens reconstruct
+        self.vq_gradient = False
         self.vis_global = self.txt_global = None
         if config.global_head:
             self.vis_global = nn.Linear(cv, config.embed_dim)
@@ -116,7 +121,8 @@ class CTVLP(nn.Module):
         """image (B, 1, X, Y, Z) in [0, 1]; anatomy (B, X, Y, Z) -> (B, M, D) L2-normalised, pooled (B, M, C).
 
         boost (default self.boost): ViSD-Boost Sec. 3.3.2. Per (sample, anatomy) row, q = the frozen
-        VQ-VAE's reconstruction of that anatomy's tokens (no gradient, no codebook update), f_hat =
+        VQ-VAE's reconstruction of that anatomy's tokens (no codebook update; no gradient back to the
+        tokens through it unless ``vq_gradient``: then straight-through past the quantiser), f_hat =
         perception(f, q), and the anatomy query pools f_hat. A token in two anatomies gets one f_hat
         per anatomy, so pooling runs on the gathered rows. Without boost: the fVLM path unchanged.
         """
@@ -134,7 +140,7 @@ class CTVLP(nn.Module):
             # rows bucketed by length (vqvae.bucket): the VQ-VAE, perception and pooling run on
             # trimmed rows; no host sync beyond those of anatomy_token_rows
             buckets = self.vqvae.buckets(rows.pad, lengths=rows.lengths)
-            with torch.no_grad():
+            with contextlib.nullcontext() if self.vq_gradient else torch.no_grad():
                 q = self.vqvae(rows.tokens, rows.pad, rows.anatomy, update_codebook=False, buckets=buckets).recon
             per_row = []
             for g in buckets.groups:

@@ -2,7 +2,8 @@
 
 A phase is a ``PhaseTask``: its model, what one step computes, and optional validation, momentum
 update, train/eval modes, extra checkpointed modules and final save. The loop adds, top to bottom:
-AdamW over the task's trainable parameters with linear warmup then cosine decay (paper Sec. 7),
+AdamW (or the paper's Adam, ``train.optimizer``) over the task's trainable parameters with linear
+warmup then cosine decay (paper Sec. 7),
 gradient clipping, bf16 autocast on CUDA, a per-step and per-epoch metrics CSV (optional
 TensorBoard), atomic checkpoints it resumes from exactly (written by a background thread, every
 ``checkpoint_every`` steps and/or ``checkpoint_minutes``), and DistributedDataParallel under torchrun.
@@ -72,6 +73,7 @@ class LoopSettings:
     resume: bool = True
     workers: int | str = "auto"
     sync_every: int = 0  # 0: every step on the CPU, every 50 on CUDA
+    optimizer: str = "adamw"  # adamw: decoupled weight decay; adam: the paper's (weight_decay as L2)
 
     RUNTIME = ("checkpoint_every", "checkpoint_minutes", "tensorboard", "resume", "workers", "sync_every")
 
@@ -82,6 +84,17 @@ class LoopSettings:
     def numbers(self) -> dict:
         """The settings a checkpoint must share to be resumed."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME}
+
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``train.optimizer``: "adamw" (decoupled weight decay) or "adam" (the paper's; torch's Adam
+    adds weight_decay to the gradient as an L2 term, so the paper preset sets it to 0)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer must be one of {sorted(OPTIMIZERS)}, not {name!r}")
+    return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)
 
 
 class PhaseTask:
@@ -351,7 +364,7 @@ def run_phase(task: PhaseTask, dataset: torch.utils.data.Dataset, cfg: LoopSetti
                                                   drop_last=True)
     per_epoch = len(sampler) // per_rank
     total, warmup = cfg.epochs * per_epoch, round(cfg.warmup_epochs * per_epoch)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
     validates = type(task).validate is not PhaseTask.validate

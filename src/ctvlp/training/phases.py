@@ -58,10 +58,11 @@ def phase_model_config(config: ModelConfig, phase: str) -> ModelConfig:
 
 
 def phase_train_settings(cfg_train: dict, phase: str) -> dict:
-    """The shared train settings with this phase's epochs (and lr) from its section."""
+    """The shared train settings with this phase's epochs (and lr, and phase 4's gradient) from its
+    section (recorded in the phase's config.json)."""
     out = {k: v for k, v in cfg_train.items() if not isinstance(v, dict)}
     section = cfg_train.get(phase, {}) if phase in SECTIONS else {}
-    out.update({k: v for k, v in section.items() if k in ("epochs", "lr")})
+    out.update({k: v for k, v in section.items() if k in ("epochs", "lr", "gradient")})
     return out
 
 
@@ -143,13 +144,14 @@ def _mean_over(loader, loss_of) -> float:
 class AlignPhase(_SavedPhase):
     """Phases 2 and 4 (the model's boost flag, set by ``set_trainable``, makes the difference)."""
 
-    def __init__(self, model, out_dir, info, *, name: str, device, texts, val_loader, calibrate: bool):
+    def __init__(self, model, out_dir, info, *, name: str, device, texts, val_loader, calibrate: bool,
+                 direction: str = "symmetric"):
         super().__init__(model, out_dir, info)
         self.name, self.device, self.val_loader = name, device, val_loader
         if model.txt_center is not None and not bool(model.txt_center.any()):
             model.set_text_center(texts[0].texts, texts[0].text_idx)  # training reports only; once (phase 2)
         self.train_bank, self.val_bank = TextBank(model, texts[0], device), TextBank(model, texts[1], device)
-        self.loss = AlignmentLoss(calibrate)
+        self.loss = AlignmentLoss(calibrate, direction)
         # the perception module sits out a step whose crops hold no anatomy at all
         self.static_graph = self.train_bank.static and not model.boost
 
@@ -397,7 +399,9 @@ def run(phase: str, cases, reports, out_dir, cfg_model: dict | ModelConfig, cfg_
         common = {"model": model, "out_dir": out_dir, "info": info}
         if phase in ("align", "boost"):
             task = AlignPhase(**common, name=phase, device=device, texts=(train_texts, val_texts),
-                              val_loader=val_loader, calibrate=cfg_train["false_negative_calibration"])
+                              val_loader=val_loader, calibrate=cfg_train["false_negative_calibration"],
+                              direction=cfg_train["align_direction"])
+            model.vq_gradient = phase == "boost" and cfg_train["boost"]["gradient"] == "straight_through"
         elif phase == "visual_cl":
             section = cfg_train["visual_cl"]
             task = VisualContrastPhase(**common, device=device, val_loader=val_loader, contrast=contrast,

@@ -147,9 +147,13 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype) -> Non
 
 
 def _write_case(args) -> tuple[dict, list[dict]]:
-    """Render case ``index`` and write its image and mask: (manifest row, ground-truth rows)."""
-    index, seed, split, out_dir, lesion_scale = args
+    """Render case ``index`` of generator ``seed`` and write its image and mask: (manifest row,
+    ground-truth rows). A case of another generator seed than the cohort's (``cohort.test_seed``)
+    gets its seed in its id, ``demo_s<seed>_<index>``, so it can never be taken for the cohort's own."""
+    index, seed, split, out_dir, lesion_scale, cohort_seed = args
     case = generate_case(index, seed, lesion_scale)
+    if seed != cohort_seed:
+        case.case_id = f"demo_s{seed}_{index:04d}"
     image_path = out_dir / "images" / f"{case.case_id}.nii.gz"
     mask_path = out_dir / "masks" / f"{case.case_id}.nii.gz"
     _save_nifti(case.image, case.affine, image_path, np.int16)
@@ -169,7 +173,8 @@ def _write_case(args) -> tuple[dict, list[dict]]:
 
 def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
                  split: tuple[float, float, float] = (0.7, 0.15, 0.15), extra_test: int = 0,
-                 workers: int = 1, extra_val: int = 0, extra_train: int = 0, lesion_scale: float = 1.0) -> Path:
+                 workers: int = 1, extra_val: int = 0, extra_train: int = 0, lesion_scale: float = 1.0,
+                 test_seed: int | None = None) -> Path:
     """Write ``n_cases`` synthetic cases (NIfTI images and masks) plus manifest and ground truth,
     split by ``assign_splits``; then ``extra_test`` more cases (indices n_cases, n_cases + 1, ...),
     all in the test split, then ``extra_val`` more in the validation split, then ``extra_train``
@@ -177,6 +182,9 @@ def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
     extra test cases keep their indices whatever extra_val and extra_train are). ``workers``
     processes render cases in parallel (the output does not depend on it). ``lesion_scale``
     multiplies the radii of the local lesions (an experiment's lever; 1 = the demo's sizes).
+    ``test_seed``: every test case (the split's test share and the extra test cases, same indices)
+    is rendered from this generator seed instead: a test split no earlier comparison has seen, while
+    the training and validation cases stay exactly as they are.
 
     Returns the path of ``out_dir/manifest.parquet``.
     """
@@ -189,7 +197,10 @@ def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     splits = (assign_splits([case_labels(i, seed) for i in range(n_cases)], seed, split)
               + ["test"] * extra_test + ["val"] * extra_val + ["train"] * extra_train)
-    jobs = [(i, seed, s, out_dir, lesion_scale) for i, s in enumerate(splits)]
+    if test_seed is not None and test_seed == seed:
+        raise ValueError(f"cohort.test_seed {test_seed} is the cohort's own seed: pick a generator seed never used")
+    jobs = [(i, test_seed if s == "test" and test_seed is not None else seed, s, out_dir, lesion_scale, seed)
+            for i, s in enumerate(splits)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             done = list(lines(pool.map(_write_case, jobs, chunksize=4), len(jobs), "demo cohort", "case"))
