@@ -292,27 +292,29 @@ def stability_runs():
         torch.set_num_threads(threads)
 
 
-# Tolerance on |error_a - error_b| / baseline (baseline: the error of predicting the mean token, 0.9-1.2
-# here; the noise floor is 0.01). Chosen from runs of exactly this scenario (1 thread): this code, seeds
-# 0-11: largest 0.0007 (perturbed) and 0.0002 (bf16), errors 0.0115-0.0151 (relative to the error:
-# <= 0.049 and 0.013). The code before this change (no token standardisation, global-RNG initialisation
-# with duplicate codes, bf16 EMA sums), seeds 0-2: 0.063 (perturbed, seed 0) and 0.092 (bf16, seed 2);
-# seeds 0-5: 0.067 and 0.092, errors 0.18-0.74 (codebooks collapsed onto a few codes, more or less);
-# this code without the token standardisation, seeds 0-5: 0.21 and 0.15, errors 0.19-0.73.
-# 0.005 is 7x above the first and 12-18x below the second.
-TOLERANCE = 0.005
-LEARNED = 0.05  # every run: validation error below 5% of the baseline (a collapsed codebook: 20-75%)
+# Run-to-run tolerance, relative to the reconstruction error itself: |error_a - error_b| <=
+# RELATIVE * min(error_a, error_b). (Before, 0.005 x the baseline, the error of predicting the mean
+# token (0.9-1.2 here): about 40% of the errors it compared (0.0115-0.0133 on seeds 0-2), so it
+# hardly constrained them.) Measured with `python benchmarks/vq_padding.py --seeds 0 ... 11` (exactly this scenario, 1
+# thread; benchmarks/results/vq_padding_cpu.md): this code, errors 0.0115-0.0151, largest relative
+# difference 0.049 perturbed (seed 3; <= 0.005 on seeds 0-2) and 0.019 bf16 (<= 0.012 on seeds 0-2).
+# The code before the stable phase 3 (05b8a95^: no token standardisation, global-RNG
+# initialisation with duplicate codes, bf16 EMA sums), errors 0.06-0.82 (6-90% of the baseline): up to 0.39
+# perturbed and 0.54 bf16; on seeds 0-2 it fails RELATIVE in both tests (0.21 perturbed at seed
+# 0; 0.12, 0.54 and 0.17 bf16), besides failing LEARNED at every seed.
+RELATIVE = 0.1  # 2x the largest of this code on 12 seeds, 8x on the test's seeds
+LEARNED = 0.05  # every run: validation error below 5% of the baseline (the code before: 6-90%)
 
 
 def test_training_is_stable_run_to_run(stability_runs):
     for seed, runs in stability_runs.items():
         (a, base), (b, _) = runs["fp32"], runs["perturbed"]
         assert a < LEARNED * base and b < LEARNED * base, (seed, a, b, base)
-        assert abs(a - b) <= TOLERANCE * base, (seed, a, b, base)
+        assert abs(a - b) <= RELATIVE * min(a, b), (seed, a, b, base)
 
 
 def test_training_under_bf16_autocast_matches_fp32(stability_runs):
     for seed, runs in stability_runs.items():
         (a, base), (b, _) = runs["fp32"], runs["bf16"]
         assert a < LEARNED * base and b < LEARNED * base, (seed, a, b, base)
-        assert abs(a - b) <= TOLERANCE * base, (seed, a, b, base)
+        assert abs(a - b) <= RELATIVE * min(a, b), (seed, a, b, base)
