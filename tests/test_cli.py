@@ -167,3 +167,17 @@ def test_a_stage_sends_progress_lines_to_the_descriptor_and_everything_to_its_lo
     logged = log.read_text()
     assert "ctvlp.progress: demo cohort: 3/3 cases" in logged and "ctvlp example on" in logged
     assert "\r" not in logged
+
+
+def test_train_seed_varies_training_alone():
+    """train.seed: training randomness only; unset, training follows the global seed (which also
+    draws the cohort and the split, so that seed alone cannot vary training on the same cases)."""
+    from ctvlp import config
+    from ctvlp.cli import training_seed
+
+    default = config.validate({"seed": 3})
+    assert default["train"]["seed"] is None and training_seed(default) == 3
+    own = config.validate({"seed": 3, "train": {"seed": 11}})
+    assert training_seed(own) == 11 and own["seed"] == 3
+    with pytest.raises(config.ConfigError):
+        config.validate({"train": {"seed": -1}})

@@ -113,12 +113,19 @@ def cmd_reports(args):
     write_reports(args.manifest, args.out, _settings(args)["reports"])
 
 
+def training_seed(settings: dict) -> int:
+    """``train.seed`` when set (training randomness only: initialisation, crops, batches), else the
+    global ``seed`` (which also draws the cohort and its split)."""
+    own = settings["train"].get("seed")
+    return settings["seed"] if own is None else own
+
+
 def cmd_train(args):
     from .training.phases import run
 
     settings = _settings(args)
     train = {**settings["train"], "threads": args.threads or settings["train"]["threads"]}
-    summary = run(args.phase, args.cases, args.reports, args.out_dir, settings["model"], train, settings["seed"],
+    summary = run(args.phase, args.cases, args.reports, args.out_dir, settings["model"], train, training_seed(settings),
                   init=args.init, contrast=args.contrast)
     final = summary.get("final_val_loss")
     progress.log.info("phase %s done: %d steps; final validation loss %s", args.phase, summary["steps"],
