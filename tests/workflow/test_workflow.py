@@ -18,6 +18,7 @@ import ctvlp
 from ctvlp import catalog
 from ctvlp.config import validate
 from ctvlp.model.io import load_model
+from htmlpage import tables as page_tables
 
 from conftest import REPO
 from snakemake_run import TEST_CONFIG, planned_jobs, planned_rules, snakemake
@@ -116,7 +117,7 @@ def test_html_report_holds_tables_figures_and_captions(run):
     out = snakemake(run, "--report", "report.html")
     assert out.returncode == 0, out.stderr[-3000:]
     html = (run / "report.html").read_text(encoding="utf-8")
-    for name in ("summary.md", "roc_per_organ.png", "tsne.png", "activation_histograms.png", "activation_maps.png",
+    for name in ("roc_per_organ.png", "tsne.png", "activation_histograms.png", "activation_maps.png",
                  "metrics.csv", *(f"training_{phase}.png" for phase in ("visual_cl", "align", "normality", "boost"))):
         assert name in html, name
     assert "t-SNE of test anatomy embeddings" in html  # a caption from workflow/report/
@@ -125,7 +126,20 @@ def test_html_report_holds_tables_figures_and_captions(run):
     # every table is embedded as an HTML page (shown inline) holding the table's own numbers
     tables = _embedded_html(html)
     assert {"zeroshot.html", "zeroshot_by_organ.html", "zeroshot_by_type.html", "linear_probe.html",
-            "linear_probe_by_organ.html", "linear_probe_by_type.html"} <= set(tables), sorted(tables)
+            "linear_probe_by_organ.html", "linear_probe_by_type.html", "summary.html"} <= set(tables), sorted(tables)
+    # the data QC summary: its counts, exclusions and HU decisions as the qc tables hold them
+    qc_page = page_tables(tables["summary.html"])
+    man, qc = pl.read_parquet(run / "results/qc/cases.parquet"), pl.read_parquet(run / "results/qc/qc.parquet")
+    excluded = pl.read_parquet(run / "results/qc/excluded.parquet")
+    counts = dict(qc_page["Counts"][1])
+    assert counts["cases in the manifest"] == str(len(pl.read_parquet(run / "results/cohort/manifest.parquet")))
+    assert counts["cases processed and kept"] == str(len(man)) == str(len(qc))
+    assert counts["exclusions recorded"] == str(len(excluded)) == "0"
+    assert qc_page["Excluded cases"][1] == [] and "No case was excluded." in tables["summary.html"]
+    decisions = qc.group_by("hu_decision").len()
+    assert sorted(qc_page["Kept cases per HU decision"][1]) == sorted(
+        [d, str(n)] for d, n in decisions.iter_rows()), qc_page["Kept cases per HU decision"]
+    assert "Data QC: how many cases" in html  # its caption
     for stem in ("zeroshot", "linear_probe"):
         csv = pl.read_csv(run / f"results/eval/{stem}.csv")
         page = tables[f"{stem}.html"]
@@ -194,13 +208,14 @@ def test_lint_is_clean(configfile):
     assert out.returncode == 0 and "good condition" in out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("target", ["demo", "ablation", "lesions"])
+@pytest.mark.parametrize("target", ["demo", "ablation", "lesions", "paper", "holdout"])
 def test_make_targets_plan_their_workflow(tmp_path, target):
     """The Makefile's snakemake commands, as make would run them, plan the intended jobs (dry run in
     a copy of the configs): argument order matters (--configfile takes every word after it)."""
     if shutil.which("make") is None:
         pytest.skip("make not installed")
-    for name in ("config.yaml", "config.ablation.yaml", "config.lesions.yaml"):
+    for name in ("config.yaml", "config.ablation.yaml", "config.lesions.yaml", "config.paper.yaml",
+                 "config.holdout.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
     out = subprocess.run(["make", "-n", "-s", "-C", str(REPO), target], capture_output=True, text=True, check=True)
     runs = [shlex.split(line) for line in out.stdout.splitlines()
@@ -209,9 +224,13 @@ def test_make_targets_plan_their_workflow(tmp_path, target):
     for argv in runs:
         jobs = planned_jobs(tmp_path, *argv[1:])
         assert jobs.get("cohort") == 1 and jobs.get("all") == 1, jobs  # the rest waits for the cohort checkpoint
-        if target == "ablation":
+        if target in ("ablation", "paper", "holdout"):
             assert jobs.get("ablation") == 1 and jobs["train"] == 8 and jobs["evaluate_zeroshot"] == 5, jobs
         if target == "lesions":  # the workflow of config.yaml (no ablation variants), into its own folder
             assert "ablation" not in jobs, jobs
             plan = snakemake(tmp_path, "-n", *argv[1:])
             assert "results_lesions/cohort/manifest.parquet" in plan.stdout + plan.stderr
+    if target == "holdout":  # the defaults, then the paper preset, each into its own folder
+        folders = [snakemake(tmp_path, "-n", *argv[1:]) for argv in runs]
+        assert ["results_holdout/cohort/manifest.parquet" in f.stdout for f in folders] == [True, False]
+        assert ["results_holdout_paper/cohort/manifest.parquet" in f.stdout for f in folders] == [False, True]
