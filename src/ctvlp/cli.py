@@ -300,7 +300,8 @@ def _parser() -> argparse.ArgumentParser:
             ("--segment-root", "the folder of segment's case folders"),
             ("--preprocessed-root", "the folder of preprocess's case folders"))
     p.add_argument("--cohort-exclusions", default=None, help="exclusions.parquet from `ctvlp cohort`")
-    p.add_argument("--out", required=True, help="folder for qc.parquet, excluded.parquet, cases.parquet, summary.md")
+    p.add_argument("--out", required=True,
+                   help="folder for qc.parquet, excluded.parquet, cases.parquet, summary.md, summary.html")
     add("reports", cmd_reports, "parse reports into per-anatomy text and status", manifest,
         ("--out", "the parsed reports table to write (reports.parquet)"))
     p = add("train", cmd_train, "train one phase (visual_cl, align, normality, boost) or the CLIP baseline (global)",

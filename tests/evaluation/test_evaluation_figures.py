@@ -367,7 +367,7 @@ def test_training_curves_read_loss_validation_and_lr(tmp_path):
 
 # ---- tables for the report -----------------------------------------------------------------------
 def test_html_table_holds_the_numbers_as_formatted_and_sorts(tmp_path):
-    from ctvlp.evaluation.htmltable import write_html_table
+    from ctvlp.htmltable import write_html_table
 
     df = pl.DataFrame({"disease_id": ["b", "a", "mean"], "auc": [0.81234, float("nan"), 0.8], "n": [3, 10, 13],
                        "note": ["<x>", None, ""]})

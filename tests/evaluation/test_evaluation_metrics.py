@@ -151,6 +151,20 @@ def test_ablation_table_reads_each_variants_table(tmp_path):
     assert table["auc_local"].to_list() == pytest.approx([0.6, 0.9])
     assert table["auc_diffuse"].to_list() == pytest.approx([0.75, 0.45])
     assert "ViSD-Boost" in (tmp_path / "ablation.md").read_text(encoding="utf-8")
+    # the report's inline table (ablation.html): every number of the CSV, as the Markdown formats it
+    from htmlpage import tables
+
+    header, rows = tables((tmp_path / "ablation.html").read_text(encoding="utf-8"))[None]
+    assert header == table.columns and len(rows) == len(table)
+
+    def as_markdown(v):  # metrics.markdown: 3 decimals, n/a for a missing value
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return "n/a"
+        return format(v, ".3f") if isinstance(v, float) else str(v)
+
+    for shown, row in zip(rows, table.iter_rows()):
+        assert shown == [as_markdown(v) for v in row], (shown, row)
+    assert rows[0][table.columns.index("auc")] == "0.700" and rows[1][table.columns.index("auc_local")] == "0.900"
 
 
 def test_anatomy_crops_without_boxes_stop_instead_of_scoring_zeros(tiny_cohort):

@@ -16,6 +16,7 @@ from ctvlp.cohort import demo, generic, schema
 from ctvlp.config import validate
 from ctvlp.imaging import checks, exclusion, qc
 from ctvlp.imaging.stage import STAMP
+from htmlpage import tables
 
 SETTINGS = validate({"preprocess": {"spacing": [8.0, 8.0, 8.0]}, "segment": {"backend": "phantom"}})
 
@@ -123,6 +124,12 @@ def test_every_case_is_kept_or_excluded_with_its_reason(corpus):
     assert sorted(p.name for p in (d / "preprocessed/double_rescaled").iterdir()) == [STAMP, "excluded.json"]
     summary = (d / "qc/summary.md").read_text(encoding="utf-8")
     assert "cases processed and kept: 3" in summary and "mismatched_mask" in summary
+    # the report's inline page: every exclusion with its stage and reason, the same counts
+    page = tables((d / "qc/summary.html").read_text(encoding="utf-8"))
+    rows = exc.select("case_id", "stage", "reason").iter_rows()
+    assert sorted(page["Excluded cases"][1]) == sorted(list(r) for r in rows)
+    assert dict(page["Counts"][1])["cases processed and kept"] == "3"
+    assert dict(page["Counts"][1])["exclusions recorded"] == str(len(exc)) == str(len(expected))
 
 
 def test_rescale_is_applied_at_most_once_and_recorded(corpus):

@@ -82,7 +82,11 @@ rule qc:
         cases=results_path("qc/cases.parquet"),
         qc=results_path("qc/qc.parquet"),
         excluded=results_path("qc/excluded.parquet"),
-        summary=report(results_path("qc/summary.md"), caption="../report/qc.rst", category="Data"),
+        summary=results_path("qc/summary.md"),
+        # the same counts and exclusions as sortable tables: an HTML page is shown inline in the
+        # report, a Markdown file only as a download
+        summary_html=report(results_path("qc/summary.html"), caption="../report/qc.rst", category="Data",
+                            labels={"table": "data QC summary"}),
     params:
         **settings("preprocess.strict"),
         segment_root=lambda w: results_path("segment"),

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import polars as pl
 
+from ..htmltable import write_html_table
 from . import figures, metrics, probe, zeroshot
 from .embed import crop_size
-from .htmltable import write_html_table
 
 TITLES = {"zeroshot": "Zero-shot diagnosis, test split", "linear_probe": "Linear probe, test split"}
 
