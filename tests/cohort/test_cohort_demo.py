@@ -409,3 +409,42 @@ def test_test_seed_renders_a_fresh_test_split_and_keeps_train_and_val(tmp_path, 
     assert set(truth["case_id"]) == set(fresh["case_id"])
     with pytest.raises(ValueError, match="never used"):
         write_cohort("c", 10, SEED, test_seed=SEED)
+
+
+def test_lesion_maps_hold_the_local_lesions_of_each_case(tmp_path, monkeypatch):
+    """lesions/<case_id>.nii.gz: on the image's grid and affine, value 1 + catalog index on exactly the
+    voxels of each local lesion of Case.lesions; no map for a case without local lesions (case 3:
+    diffuse signs only), and a stale map of an earlier cohort in the folder is removed; labels.json
+    names every value."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    stale = Path("cohort") / demo.LESIONS_DIR / "demo_0003.nii.gz"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by an earlier cohort")
+    write_cohort("cohort", 4, SEED)
+    labels = json.loads((Path("cohort") / demo.LESIONS_DIR / demo.LESION_LABELS).read_text(encoding="utf-8"))
+    ids = [d.id for d in catalog.diseases("demo")]
+    assert labels["labels"] == {str(i + 1): d for i, d in enumerate(ids)}
+    local = {d for d, v in DISEASES.items() if v.type == "local"}
+    assert set(labels["written"]) == local
+    written = sorted(p.name for p in (Path("cohort") / demo.LESIONS_DIR).glob("*.nii.gz"))
+    assert written == ["demo_0000.nii.gz", "demo_0001.nii.gz", "demo_0002.nii.gz"]  # case 3: no local lesion
+    for k in (0, 1, 2):
+        case = generate_case(k, SEED)
+        nii = nib.load(Path("cohort") / demo.LESIONS_DIR / f"{case.case_id}.nii.gz")
+        assert np.array_equal(nii.affine, case.affine) and nii.get_data_dtype() == np.uint8
+        arr = np.asanyarray(nii.dataobj)
+        assert arr.shape == case.image.shape
+        expected = np.zeros(case.image.shape, np.uint8)
+        shown = set()
+        for lesion in case.lesions:
+            if lesion.disease_id in local:
+                assert not (expected[lesion.mask]).any()  # local lesions never overlap
+                expected[lesion.mask] = ids.index(lesion.disease_id) + 1
+                shown.add(lesion.disease_id)
+        assert shown == {d for d in local if case.labels[d]} and shown
+        assert np.array_equal(arr, expected)
+        assert {labels["labels"][str(v)] for v in np.unique(arr) if v} == shown
+    assert not stale.exists()
+    assert any(lz.disease_id not in local for lz in generate_case(3, SEED).lesions)  # diffuse ones: left out

@@ -29,6 +29,12 @@ Rendering notes:
   so the mask never gives a disease away; an adrenal nodule grows the adrenal label.
 - ``Case.lesions`` holds one entry per local lesion and one entry per diffuse sign (its changed
   region: fatty liver = liver, emphysema = lung, effusion = fluid layer in the lower lobes, ...).
+- ``write_cohort`` also writes the local lesions' voxels (catalog type "local"; the diffuse signs,
+  whose regions overlap one another and are whole organs, are left out) as one label map per case
+  that has any, ``lesions/<case_id>.nii.gz`` (uint8, the image's grid and affine, voxel value =
+  ``lesion_value(disease_id)``: 1 + the disease's index in the demo catalog, 0 = no lesion), and the
+  value -> disease mapping once, ``lesions/labels.json``: where the activation maps slice through a
+  lesion and outline it. Local lesions never overlap (each avoids the voxels of earlier ones).
 
 Modules, each importing only the ones before it: ``canvas`` (painting primitives), ``anatomy``
 (the normal phantom), ``lesions`` (``DISEASES``: one entry per disease, how it alters the anatomy,
@@ -61,6 +67,10 @@ __all__ = [
     "case_labels",
     "generate_case",
     "assign_splits",
+    "LESIONS_DIR",
+    "LESION_LABELS",
+    "lesion_value",
+    "lesion_map",
     "write_cohort",
 ]
 
@@ -69,6 +79,8 @@ DEFAULT_N_CASES = 160
 PREVALENCE = 0.2
 SOURCE = "demo"
 HU_MIN, HU_MAX = -1024, 3071
+LESIONS_DIR = "lesions"  # <cohort>/lesions/<case_id>.nii.gz: the local lesions of a case
+LESION_LABELS = "labels.json"  # <cohort>/lesions/labels.json: {"labels": {value: disease_id}, ...}
 
 
 @dataclass
@@ -135,6 +147,36 @@ def generate_case(index: int, seed: int, lesion_scale: float = 1.0) -> Case:
     )
 
 
+def lesion_value(disease_id: str) -> int:
+    """The voxel value of ``disease_id``'s lesions in a lesion map: 1 + its demo catalog index."""
+    return 1 + _disease_ids().index(disease_id)
+
+
+def lesion_map(case: Case) -> np.ndarray | None:
+    """The case's local lesions as one uint8 label map on its image grid (``lesion_value`` per
+    disease, 0 elsewhere); None when the case has no local lesion. Diffuse signs are left out."""
+    local = {d.id for d in catalog.diseases("demo") if d.type == "local"}
+    out = None
+    for lesion in case.lesions:
+        if lesion.disease_id not in local or not lesion.mask.any():
+            continue
+        if out is None:
+            out = np.zeros(case.image.shape, np.uint8)
+        out[lesion.mask] = lesion_value(lesion.disease_id)
+    return out
+
+
+def _lesion_labels() -> dict:
+    """The contents of lesions/labels.json."""
+    return {
+        "labels": {str(lesion_value(d.id)): d.id for d in catalog.diseases("demo")},
+        "background": 0,
+        "written": sorted((d.id for d in catalog.diseases("demo") if d.type == "local"), key=lesion_value),
+        "note": "one uint8 map per case with local lesions, on the grid and affine of images/<case_id>.nii.gz; "
+                "voxel value = 1 + the disease's index in the demo catalog; diffuse signs are not written",
+    }
+
+
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype) -> None:
     import nibabel as nib
 
@@ -158,6 +200,12 @@ def _write_case(args) -> tuple[dict, list[dict]]:
     mask_path = out_dir / "masks" / f"{case.case_id}.nii.gz"
     _save_nifti(case.image, case.affine, image_path, np.int16)
     _save_nifti(case.mask, case.affine, mask_path, np.uint8)
+    lesion_path = out_dir / LESIONS_DIR / f"{case.case_id}.nii.gz"
+    lesions = lesion_map(case)
+    if lesions is None:
+        lesion_path.unlink(missing_ok=True)  # a map left by an earlier cohort in this folder would mislead
+    else:
+        _save_nifti(lesions, case.affine, lesion_path, np.uint8)
     row = {
         "case_id": case.case_id, "split": split, "image_path": str(image_path), "mask_path": str(mask_path),
         "report_text": case.report, "source": SOURCE, "spacing_x": case.spacing[0], "spacing_y": case.spacing[1],
@@ -186,15 +234,19 @@ def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
     is rendered from this generator seed instead: a test split no earlier comparison has seen, while
     the training and validation cases stay exactly as they are.
 
+    Also writes ``out_dir/lesions``: each case's local lesions (``lesion_map``) and labels.json.
+
     Returns the path of ``out_dir/manifest.parquet``.
     """
+    import json
     from concurrent.futures import ProcessPoolExecutor
 
     from ...progress import lines
 
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "masks", LESIONS_DIR):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    (out_dir / LESIONS_DIR / LESION_LABELS).write_text(json.dumps(_lesion_labels(), indent=1), encoding="utf-8")
     splits = (assign_splits([case_labels(i, seed) for i in range(n_cases)], seed, split)
               + ["test"] * extra_test + ["val"] * extra_val + ["train"] * extra_train)
     if test_seed is not None and test_seed == seed:
