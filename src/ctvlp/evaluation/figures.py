@@ -6,6 +6,7 @@ Each figure is a data function (numbers, tested) and a plotting function writing
 - t-SNE of normal vs abnormal anatomy embeddings, Fig. 3 ``anatomy_embeddings`` / ``plot_tsne``
 - vision-token activations w/o and w/ VSDB, Fig. 5     ``token_activations`` / ``plot_activation_histograms``
 - visual activation maps, Fig. 4                        ``activation_map`` / ``plot_activation_maps``
+  (through the lesion, outlined, where the cohort wrote its voxels: ``lesion_mask``)
 
 ``make_all`` writes all of them for one model folder. Plotting uses matplotlib's object API
 (``matplotlib.figure.Figure``, rendered by Agg), never pyplot, so no global backend is touched.
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import catalog
+from ..cohort.demo import LESION_LABELS, LESIONS_DIR
 from ..imaging.storage import CasePaths, load_case, paths_from
 from ..model.io import load_model, pick_device
 from ..model.normality import anatomy_token_rows
@@ -474,6 +476,35 @@ def window_image(image, window: tuple[float, float], hu_range=PREPROCESS_HU) -> 
     return np.clip((hu - (level - width / 2)) / width, 0.0, 1.0)
 
 
+def lesion_mask(case: CasePaths, lesions_dir, disease_id: str) -> np.ndarray | None:
+    """``disease_id``'s lesion voxels (bool, (X, Y, Z)) on the case's preprocessed grid, from the
+    cohort's label map ``lesions_dir/<case_id>.nii.gz`` (values named by ``lesions_dir/labels.json``,
+    ``{"labels": {value: disease_id}}``, as the demo cohort writes them), resampled nearest-neighbour
+    through physical coordinates onto the grid meta.json records (as the preprocess stage resamples
+    the anatomy map). None where there is no map, the disease has no value or no voxel on the grid,
+    or meta.json lacks the grid (an older ctvlp)."""
+    import SimpleITK as sitk
+
+    from ..imaging.io import read_image, to_xyz
+    from ..imaging.preprocess import resample
+
+    if lesions_dir is None:
+        return None
+    path, labels = Path(lesions_dir) / f"{case.case_id}.nii.gz", Path(lesions_dir) / LESION_LABELS
+    if not path.is_file() or not labels.is_file():
+        return None
+    value = {d: int(v) for v, d in json.loads(labels.read_text(encoding="utf-8"))["labels"].items()}.get(disease_id)
+    meta = json.loads(case.meta.read_text(encoding="utf-8"))
+    if value is None or not {"size", "spacing", "origin", "direction"} <= set(meta):
+        return None
+    grid = sitk.Image([int(n) for n in meta["size"]], sitk.sitkUInt8)
+    grid.SetSpacing([float(v) for v in meta["spacing"]])
+    grid.SetOrigin([float(v) for v in meta["origin"]])
+    grid.SetDirection([float(v) for v in meta["direction"]])
+    on_grid = to_xyz(resample(read_image(path), None, sitk.sitkNearestNeighbor, 0, reference=grid)) == value
+    return on_grid if on_grid.any() else None
+
+
 @dataclass
 class MapPanel:
     """One panel of ``plot_activation_maps``: image (preprocessed, 0..1 for ``hu_range``) and map
@@ -636,22 +667,28 @@ def plot_training_curves(metrics, out_png, phase: str = "", smooth: int = 20) ->
 def make_all(model_dir, predictions, cases_table, ground_truth, out_dir, disease_catalog: str,
              device="auto", baseline_model_dir=None, n_cases: int = 100, n_hist_cases: int = 20,
              n_maps: int = 3, hist_anatomies=None, crop_size=None, seed: int = 0,
-             map_mode: str = "nearest", per_class: int = 2, training: dict | None = None) -> dict[str, Path]:
+             map_mode: str = "nearest", per_class: int = 2, training: dict | None = None,
+             lesions_dir=None) -> dict[str, Path]:
     """Write roc_per_organ.png, tsne.png, activation_histograms.png (model with a VQ-VAE only),
     activation_maps.png and, for each {phase: metrics.csv} of ``training``, training_<phase>.png
     into out_dir; returns {name: path}.
 
-    Cases: the test cases of ``cases_table`` (qc/cases.parquet) with ground truth, n_cases of them drawn at random (seed) for the
-    t-SNE, the first n_hist_cases of those for the histograms. Histogram anatomies: hist_anatomies, or
-    the anatomies of the catalog's zero-shot diseases, at most six. Maps: ``map_cases`` (n_maps
+    Cases: the test cases of ``cases_table`` (qc/cases.parquet) with ground truth, n_cases of them
+    drawn at random (seed) for the t-SNE, the first n_hist_cases of those for the histograms.
+    Histogram anatomies: hist_anatomies, or the anatomies of the catalog's zero-shot diseases, at
+    most six. Maps: ``map_cases`` (n_maps
     diseases, per_class positive and per_class negative test cases each, chosen without scores).
     ROC: operating points at the thresholds of zeroshot.csv beside ``predictions`` (chosen on
     validation), where it exists. baseline_model_dir (e.g. the
     phase-2 model, w/o VSDB): a second t-SNE panel and a third histogram series.
     crop_size: as ``zeroshot.predict`` (None = whole volumes, else anatomy-centred crops; the maps
     then show the crop). map_mode: ``activation_map``'s upsampling.
+    lesions_dir: the cohort's lesion label maps (``lesion_mask``; the demo cohort writes them); default
+    ``lesions`` beside ``ground_truth`` (the cohort folder). A positive case whose map holds the
+    disease's lesion gets the slice through it and its outline; every other panel the anatomy's centre.
     """
     truth = read_ground_truth(ground_truth)  # before anything is loaded or written
+    lesions_dir = Path(ground_truth).parent / LESIONS_DIR if lesions_dir is None else Path(lesions_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device)
@@ -714,20 +751,26 @@ def make_all(model_dir, predictions, cases_table, ground_truth, out_dir, disease
         case = paths_of[r["case_id"]]
         img, anat_map, _, boxes = load_case(case)
         hu_range = tuple(json.loads(case.meta.read_text(encoding="utf-8")).get("hu_window", PREPROCESS_HU))
+        # the disease's lesion voxels where the cohort wrote them (the demo's lesions/), else None
+        lesion = lesion_mask(case, lesions_dir, d.id) if r["label"] == 1 else None
         if crop_size is not None and d.anatomy in (boxes or {}):
             sl = anatomy_crop(boxes[d.anatomy], img.shape, crop_size)
             img, anat_map = img[sl], anat_map[sl]
+            lesion = None if lesion is None else lesion[sl]
         img, anat_map = np.asarray(img, np.float32), np.asarray(anat_map)
         style = r.get("prompt_style")  # the one the evaluation chose on validation
         amap = activation_map(model, img, anat_map, d, device, mode=map_mode, prompt_style=style)
         status = "positive" if r["label"] == 1 else "negative"
-        # the cohort records no lesion voxels: each panel shows the anatomy's centre slice
         items.append(MapPanel(f"{d.name}: {status}, {r['case_id']} (score {r['score']:.2f})", img, amap,
-                              anat_map == catalog.anatomy_by_name(d.anatomy).index, d.anatomy, None, hu_range))
+                              anat_map == catalog.anatomy_by_name(d.anatomy).index, d.anatomy, lesion, hu_range))
+    n_lesion = sum(it.lesion is not None and bool(it.lesion.any()) for it in items)
+    log.info("figures: %d of %d activation-map panels slice through a recorded lesion", n_lesion, len(items))
+    where = ("slice through the lesion (yellow outline) where the cohort records its voxels, else through the "
+             "anatomy's centre" if n_lesion else
+             "slice through the anatomy's centre (the cohort records no lesion voxels)")
     paths["activation_maps"] = plot_activation_maps(
         items, out_dir / "activation_maps.png", ncols=2 * per_class, slots=slots,
         title=f"Visual activation maps, test split: per disease the first {per_class} positive and {per_class} "
               "negative cases by case id (chosen without scores)\ncos(token embedding, positive prompt) inside the "
-              "anatomy (white outline); red > 0 > blue, one scale; slice through the anatomy's centre "
-              "(the cohort records no lesion voxels)")
+              f"anatomy (white outline); red > 0 > blue, one scale; {where}")
     return paths
