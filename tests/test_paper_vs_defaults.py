@@ -63,7 +63,7 @@ def test_paper_minus_defaults_and_the_goals_follow_the_scores(bench, tmp_path):
     assert paper["visd"]["pmd_ci_low"] > 0.3 and np.isnan(defaults["visd"]["paper_minus_defaults"])
     assert defaults["visd"]["below_chance"] == "liver_cyst" and paper["visd"]["below_chance"] == "none"
     text = bench.render(table, "cmd", "test")
-    verdicts = [line for line in text.splitlines() if line.startswith("- defaults:") or line.startswith("- paper preset:")]
+    verdicts = [line for line in text.splitlines() if line.startswith(("- defaults:", "- paper preset:"))]
     assert "not met" in verdicts[0].split(";")[0] and ": met" in verdicts[1].split(";")[0]
     assert f"{paper['visd']['auc']:.3f}" in text
 
