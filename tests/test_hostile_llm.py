@@ -177,7 +177,8 @@ NOT_COMPLETIONS = {
     "json_array": (reply(body=[]), "JSON list, not a completion"),
     "json_null": (reply(body="null"), "JSON NoneType"),
     "json_string": (reply(body='"ok"'), "JSON str"),
-    "error_object_with_200": (reply(body={"error": {"message": "upstream model overloaded"}}), "upstream model overloaded"),
+    "error_object_with_200": (reply(body={"error": {"message": "upstream model overloaded"}}),
+                              "upstream model overloaded"),
     "not_utf8": (reply(body=b'{"choices": [\xff\xfe]}'), "invalid JSON"),
 }
 
@@ -261,6 +262,67 @@ def test_a_5xx_on_every_request_stops_the_run_after_the_retries(tmp_path):
     assert stats.retries == 2 and cache_files(tmp_path) == []
 
 
+# ----------------------------------------------------------------------------- who retries what
+
+def _chat_headers(srv: FakeLLM) -> list[dict]:
+    return [h for m, p, h, _ in srv.requests if m == "POST" and p.endswith("/chat/completions")]
+
+
+def test_a_503_is_retried_by_the_sdk_and_a_200_that_is_not_a_completion_by_ours(tmp_path):
+    """503, then an HTML 200, then a completion: the SDK retries the 503 within its call (its
+    retry-count header 1); our loop sends the request again after the HTML page in a new SDK call
+    (retry count 0). Both retries are counted, in one budget of max_retries."""
+    answers = [reply(503, {"error": {"message": "loading model"}}), NOT_COMPLETIONS["html_proxy_page"][0], GOOD]
+    with FakeLLM(lambda n, request, headers: answers[min(n, 2)]) as srv:
+        stats = llm.LLMStats()
+        df = llm.parse_reports(cases_of(REPORTS[:1]), cfg_for(srv, tmp_path), stats=stats)
+        headers = _chat_headers(srv)
+    assert df.filter(pl.col("anatomy") == "liver")["status"].to_list() == ["normal"]
+    assert stats.requests == 3 and stats.retries == 2
+    # the SDK numbers its retries within one call: its retry of the 503, then a new call of ours
+    assert [h.get("x-stainless-retry-count") for h in headers] == ["0", "1", "0"]
+
+    # the budget is shared: a 503 and then two HTML pages spend max_retries=2, then the run stops
+    answers[2] = NOT_COMPLETIONS["html_proxy_page"][0]
+    with FakeLLM(lambda n, request, headers: answers[min(n, 2)]) as srv:
+        stats = llm.LLMStats()
+        with pytest.raises(llm.LLMServerError, match="after 2 retries") as ei:
+            llm.parse_reports(cases_of(REPORTS[:1]), cfg_for(srv, tmp_path / "second"), stats=stats)
+        assert srv.chats == 3
+    assert "content type 'text/html'" in str(ei.value) and stats.retries == 2
+
+
+def test_a_5xx_refusing_the_response_format_while_probing_is_not_retried_by_the_sdk(tmp_path):
+    """llama-cpp-python's server refuses an unknown response_format with HTTP 500: the probe moves
+    on to the next mode at once instead of letting the SDK retry the refusal."""
+    refusal = reply(500, {"error": {"message": "response_format: json_schema is not supported"}})
+
+    def chat(n, request, headers):
+        return refusal if request.get("response_format", {}).get("type") == "json_schema" else GOOD
+
+    with FakeLLM(chat) as srv:
+        stats = llm.LLMStats()
+        df = llm.parse_reports(cases_of(REPORTS[:1]), cfg_for(srv, tmp_path, response_format="auto"), stats=stats)
+        assert srv.chats == 2
+    assert stats.mode == "json_object_schema" and stats.format_probes == 1 and stats.retries == 0
+    assert df.filter(pl.col("anatomy") == "liver")["status"].to_list() == ["normal"]
+
+
+def test_a_stopped_run_ends_the_sdks_retries(tmp_path):
+    holder = {}
+
+    def chat(n, request, headers):
+        holder["client"].stopped.set()  # another worker failed while this request was in flight
+        return reply(503, {"error": {"message": "busy"}})
+
+    with FakeLLM(chat) as srv:
+        holder["client"] = llm.LLMReportParser(cfg_for(srv, tmp_path)).client
+        with pytest.raises(llm_client.RunStopped):
+            holder["client"].chat([{"role": "user", "content": "The liver is normal."}])
+        assert srv.chats == 1  # the SDK's retry was not sent
+    assert holder["client"].stats.requests == 1
+
+
 @pytest.mark.parametrize("answer, reason", [
     (reply(400, {"error": {"message": "context length exceeded"}}), "request rejected: HTTP 400"),
     (reply(422, {"detail": [{"msg": "bad field"}]}), "request rejected: HTTP 422"),
@@ -322,7 +384,8 @@ def _entry_path(tmp_path: Path, text: str) -> Path:
 
 def _old_entry(**kw) -> dict:
     base = llm_cache.make_entry("parsed", None, {"liver": {"text": "t", "status": "normal", "findings": []}}, [ANSWER],
-                                [], prompt_version="report_v2", model=MODEL, catalog="demo", response_format="json_object")
+                                [], prompt_version="report_v2", model=MODEL, catalog="demo",
+                                response_format="json_object")
     return {**base, **kw}
 
 
@@ -384,7 +447,8 @@ def _token(prefix: str, n: int, alphabet: str = "aB3dE5gH7jK9mN1pQ2rS4tU6vW8xY0z
 
 
 TOKEN_SHAPED = {
-    "hf": _token("hf_", 34), "ghp": _token("ghp_", 36), "gho": _token("gho_", 36), "github_pat": _token("github_pat_", 60),
+    "hf": _token("hf_", 34), "ghp": _token("ghp_", 36), "gho": _token("gho_", 36),
+    "github_pat": _token("github_pat_", 60),
     "slack": _token("xoxb_", 40), "aws": "AKIAIOSFODNN7EXAMPLE", "stripe": _token("sk_live_", 24),
     "openai_underscore": _token("sk_", 40), "gitlab": _token("glpat_", 20), "npm": _token("npm_", 36),
     "random_base62": "q7Xk2Lm9Pz4Rt8Vw3Ny6Bc1Df5Gh0Js", "random_hex": "3f9a1c7e5b2d8046af13c9e7b5d20864",

@@ -24,11 +24,15 @@ means the schema's default) and adds what the schema cannot say: ``model`` is re
                  check, without being shown.
   concurrency    requests in flight (a thread pool)
   timeout_s      per-request timeout (seconds)
-  max_retries    retries of one request on timeouts, connection errors, 408/409/429, 5xx and 200
-                 answers that are not a chat completion, with exponential backoff (backoff_s *
-                 2**attempt, capped at 30 s, times a 0.5-1.5 jitter; a Retry-After header is
-                 honoured up to 60 s)
-  backoff_s      first backoff delay
+  max_retries    retries of one request, at most, whatever their causes: timeouts, connection
+                 errors, 408/409/429 and 5xx are retried by the openai SDK (its backoff: 0.5 s *
+                 2**n capped at 8 s, minus up to 25 % jitter, or the server's Retry-After when it
+                 is at most 120 s; a longer one is not retried); 200 answers that are not a chat
+                 completion by the client (``client.LLMClient.backoff``). All are counted in
+                 ``stats.retries``
+  backoff_s      first backoff delay before re-sending a 200 answer that is not a chat completion
+                 (backoff_s * 2**n, capped at 30 s, times a 0.5-1.5 jitter); the SDK's backoff
+                 above is not configurable
   cache_dir      on-disk answer cache (see below). No default here (the schema's is null):
                  ``parse_reports`` raises ValueError without it; the reports stage
                  (``ctvlp.reports.stage.write_reports``) fills it with ``llm_cache/`` beside its output

@@ -1,7 +1,6 @@
 """Talking to the OpenAI-compatible server: the ``openai`` client, the reachability check, one chat
-request with retries (exponential backoff with jitter, Retry-After honoured) and the
-``response_format`` probing whose result is remembered per (base_url, model) for the rest of the
-process.
+request with retries and the ``response_format`` probing whose result is remembered per
+(base_url, model) for the rest of the process.
 
 Secrets. The API key is read only from the environment variable named by ``api_key_env``;
 credentials in ``base_url`` are references to environment variables (``https://${USER}:${PASS}@
@@ -13,11 +12,23 @@ logger's handlers). Messages show the configured URL redacted (``ctvlp.config.re
 
 Responses. The body of a 200 answer is checked here (``parse_completion``), not by the SDK: a body
 that is not a chat completion (truncated or invalid JSON, an HTML page, a JSON error object, no
-choices, a non-JSON content type) is a transient failure, retried like a 5xx. A 404, 405 or 410
-means every request would fail (a wrong URL or model): ``LLMSystematicError`` at once.
+choices, a non-JSON content type) is a transient failure. A 404, 405 or 410 means every request
+would fail (a wrong URL or model): ``LLMSystematicError`` at once; 401/403: ``LLMAuthError`` at
+once; any other 4xx: ``RequestRejected`` (this report only).
 
-Retries are ours, not the SDK's (``max_retries=0`` there): the SDK does not retry a 200 whose body
-is not a completion, its backoff is not configurable, and ours are counted per run."""
+Retries. The SDK retries what it knows (``max_retries`` on its client): connection errors,
+timeouts, 408, 409, 429 and 5xx, waiting 0.5 s * 2**n capped at 8 s, minus up to 25 % jitter, or
+the server's Retry-After / retry-after-ms when it is at most 120 s (a longer one: no retry). Only
+what the SDK lacks is ours: a 200 whose body is not a completion is sent again after
+``backoff`` (backoff_s * 2**n capped at MAX_BACKOFF_S, times a 0.5-1.5 jitter). The two share one
+budget: at most ``max_retries`` retries per request, whatever their causes (each SDK call gets the
+retries left). The SDK does not count its retries; an event hook on its HTTP client (httpx's
+public ``event_hooks``) does: every request sent is counted in ``stats.requests`` and every retry
+(the SDK's ``x-stainless-retry-count`` header, or without it each later request of one SDK
+call, and ours) in ``stats.retries``. The same hooks stop
+the SDK's retries when the run has stopped (``stopped``: before its next try the request hook
+raises ``RunStopped``, which the SDK passes through) and, while probing, when a 5xx refuses the
+response_format (an ``x-should-retry: false`` header set on that answer, which the SDK obeys)."""
 
 from __future__ import annotations
 
@@ -38,13 +49,15 @@ log = logging.getLogger(__name__)
 API_KEY_PLACEHOLDER = "not-needed"  # sent when the key's variable is unset or empty (a local server)
 ERR_UNREACHABLE = "LLM server unreachable"
 
-# statuses retried (besides timeouts, connection errors, any 5xx and bodies that are not completions)
+# statuses the SDK retries (besides any 5xx, timeouts and connection errors): still failing after its
+# retries, they are transient failures (TransientError), not a rejected request
 RETRY_STATUS = frozenset({408, 409, 429})
 # statuses that no retry or other report can fix: the URL or the model is wrong (401/403: LLMAuthError)
 SYSTEMATIC_STATUS = frozenset({404, 405, 410})
 BODY_SNIPPET_CHARS = 120  # of a body that is not a completion, shown in the reason
-MAX_BACKOFF_S = 30.0
+MAX_BACKOFF_S = 30.0  # our backoff (200 answers that are not completions)
 MAX_RETRY_AFTER_S = 60.0
+RETRY_COUNT_HEADER = "x-stainless-retry-count"  # sent by the SDK: retries taken before this request
 
 # statuses with which servers refuse a response_format they do not know (llama-cpp-python's server
 # turns its request-validation error into a 500), recognised only while probing and only when the
@@ -103,12 +116,12 @@ class _FormatRejected(Exception):
 class RequestStats:
     """What the client counts of its requests (``LLMStats`` adds the per-report counts)."""
 
-    requests: int = 0  # chat-completion requests sent (probes, repairs and retries included)
+    requests: int = 0  # chat-completion HTTP requests sent (probes, repairs and all retries included)
     format_probes: int = 0  # requests refused for their response_format while finding the mode
-    retries: int = 0  # requests repeated after a transient failure
+    retries: int = 0  # requests repeated after a transient failure (by the SDK or by us)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    max_in_flight: int = 0  # most requests in flight at once, as measured by the client
+    max_in_flight: int = 0  # most SDK calls in flight at once (one call: a request and its SDK retries)
     mode: str | None = None  # response_format mode in use
     request_spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end), perf_counter
 
@@ -116,6 +129,16 @@ class RequestStats:
         values = dict(self.__dict__)
         values.pop("request_spans")
         return values
+
+
+@dataclass
+class _Call:
+    """One ``_send`` in progress in this thread, as the HTTP client's event hooks see it."""
+
+    probing: bool
+    retries: int = 0  # retries of this request so far (the SDK's and ours)
+    sdk_retries: int = 0  # retries taken by the current SDK call
+    sdk_requests: int = 0  # requests sent by the current SDK call
 
 
 @dataclass(frozen=True)
@@ -295,6 +318,7 @@ class LLMClient:
         self._in_flight = 0
         self.stopped = threading.Event()
         self._client = None
+        self._local = threading.local()  # .call: the _Call of this thread's request, if any
 
     # -- helpers
     @staticmethod
@@ -303,21 +327,53 @@ class LLMClient:
         return redact(message)
 
     def openai_client(self):
-        """The ``openai.OpenAI`` client, made on first use (its own retries off: ours are counted),
-        with the URL's credentials, if any, as basic auth (the URL it holds and logs has none)."""
+        """The ``openai.OpenAI`` client, made on first use, retrying up to ``max_retries`` times,
+        with the URL's credentials, if any, as basic auth (the URL it holds and logs has none), and
+        our event hooks on its HTTP client (counting, stopping, probing)."""
         if self._client is None:
             openai = _openai()
-            http_client = None
-            if self._basic_auth is not None:  # a (user, password) tuple: basic auth for the SDK's HTTP client
-                http_client = openai.DefaultHttpxClient(auth=self._basic_auth)
             self._client = openai.OpenAI(
                 base_url=self._url,
                 api_key=self._api_key,
                 timeout=self.timeout_s,
-                max_retries=0,  # retries are ours (counted, with jitter)
-                http_client=http_client,
+                max_retries=self.max_retries,
+                http_client=openai.DefaultHttpxClient(  # the SDK's defaults (timeouts, limits, redirects)
+                    auth=self._basic_auth,  # a (user, password) tuple, or None
+                    event_hooks={"request": [self._on_request], "response": [self._on_response]},
+                ),
             )
         return self._client
+
+    def _on_request(self, request) -> None:
+        """Event hook, before each HTTP request of a chat call in this thread (the SDK's retries
+        included): ``RunStopped`` when the run has stopped (the SDK re-raises it, no retry); else
+        count the request, and the SDK's retry it is, if it is one."""
+        call = getattr(self._local, "call", None)
+        if call is None:  # not a chat request (the reachability check)
+            return
+        if self.stopped.is_set():
+            raise RunStopped("run stopped after another request failed")
+        header = request.headers.get(RETRY_COUNT_HEADER, "")
+        taken = int(header) if header.isdigit() else call.sdk_requests  # no header: every later request
+        call.sdk_requests += 1
+        with self._stats_lock:
+            self.stats.requests += 1
+            if taken > call.sdk_retries:
+                self.stats.retries += taken - call.sdk_retries
+                call.retries += taken - call.sdk_retries
+                call.sdk_retries = taken
+
+    def _on_response(self, response) -> None:
+        """Event hook, on each HTTP answer of a chat call in this thread: while probing, tell the
+        SDK not to retry (``x-should-retry: false``) an answer that refuses the response_format
+        (llama-cpp-python's server answers 500, which the SDK would retry)."""
+        call = getattr(self._local, "call", None)
+        if call is None or not call.probing or response.status_code not in FORMAT_REJECT_STATUS:
+            return
+        response.read()
+        text = response.content[:20000].decode("utf-8", "replace").lower()
+        if any(word in text for word in _FORMAT_WORDS):
+            response.headers["x-should-retry"] = "false"
 
     def _auth_error(self, status_code: Any, key_state: str = "") -> LLMAuthError:
         basic = " and the user and password of reports.llm.base_url (sent instead)" if self._basic_auth else ""
@@ -357,8 +413,9 @@ class LLMClient:
             )
 
     def backoff(self, attempt: int, error: Exception) -> float:
-        """Seconds to wait before retry ``attempt`` (0-based): backoff_s * 2**attempt capped at
-        MAX_BACKOFF_S, times a 0.5-1.5 jitter; at least the server's Retry-After (up to
+        """Seconds to wait before our retry ``attempt`` (0-based) of an answer that is not a
+        completion (the SDK waits before its own): backoff_s * 2**attempt capped at MAX_BACKOFF_S,
+        times a 0.5-1.5 jitter; at least the server's Retry-After, if any (up to
         MAX_RETRY_AFTER_S)."""
         delay = min(self.backoff_s * 2**attempt, MAX_BACKOFF_S) * (0.5 + random.random())
         response = getattr(error, "response", None)
@@ -395,14 +452,17 @@ class LLMClient:
         )
 
     # -- requests
-    def _create(self, request: dict) -> Completion:
-        """One chat request; the body checked by ``parse_completion`` (``InvalidCompletion``)."""
-        raw = self.openai_client().chat.completions.with_raw_response.create(**request)
+    def _create(self, request: dict, max_retries: int) -> Completion:
+        """One chat request, retried by the SDK up to ``max_retries`` times; the body checked by
+        ``parse_completion`` (``InvalidCompletion``)."""
+        raw = self.openai_client().with_options(max_retries=max_retries).chat.completions.with_raw_response.create(
+            **request)
         http = raw.http_response
         return parse_completion(http.headers.get("content-type"), http.content)
 
     def _send(self, messages: list[dict], mode: str, probing: bool = False) -> Completion:
-        """One request with retries on transient errors. Returns the completion."""
+        """One request, retried on transient failures (by the SDK; by us when a 200 is not a
+        completion), at most ``max_retries`` times in all. Returns the completion."""
         openai = _openai()
         request: dict[str, Any] = {
             "model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": self.max_tokens,
@@ -411,48 +471,53 @@ class LLMClient:
         if response_format is not None:
             request["response_format"] = response_format
         stats = self.stats
-        attempt = 0
+        call = _Call(probing)
+        attempt = 0  # our retries (answers that are not completions)
         while True:
             if self.stopped.is_set():
                 raise RunStopped("run stopped after another request failed")
             with self._stats_lock:
-                stats.requests += 1
                 self._in_flight += 1
                 stats.max_in_flight = max(stats.max_in_flight, self._in_flight)
             started = time.perf_counter()
+            call.sdk_retries = call.sdk_requests = 0
+            self._local.call = call
             try:
-                completion = self._create(request)
+                completion = self._create(request, self.max_retries - call.retries)
                 failure: Exception | None = None
-            except (openai.APIConnectionError, openai.APITimeoutError, InvalidCompletion) as error:
-                failure, retry = error, True
+            except InvalidCompletion as error:
+                failure = error
+            except (openai.APIConnectionError, openai.APITimeoutError) as error:  # the SDK's retries are spent
+                raise TransientError(f"{self.status_message(error)} (after {call.retries} retries)") from None
             except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
                 raise self._auth_error(error.status_code) from None
             except openai.APIStatusError as error:
                 if error.status_code in SYSTEMATIC_STATUS:
                     raise self._systematic(error) from None
-                failure, retry = error, (error.status_code in RETRY_STATUS or error.status_code >= 500)
+                message = self.status_message(error)
+                if (probing and error.status_code in FORMAT_REJECT_STATUS
+                        and any(word in message.lower() for word in _FORMAT_WORDS)):
+                    with self._stats_lock:
+                        stats.format_probes += 1
+                    raise _FormatRejected(message) from None
+                if error.status_code in RETRY_STATUS or error.status_code >= 500:  # the SDK's retries are spent
+                    raise TransientError(f"{message} (after {call.retries} retries)") from None
+                raise RequestRejected(message) from None
             finally:
+                self._local.call = None
                 with self._stats_lock:
                     self._in_flight -= 1
                     stats.request_spans.append((started, time.perf_counter()))
-            if (
-                failure is not None and probing and getattr(failure, "status_code", None) in FORMAT_REJECT_STATUS
-                and any(word in self.status_message(failure).lower() for word in _FORMAT_WORDS)
-            ):
-                with self._stats_lock:
-                    stats.format_probes += 1
-                raise _FormatRejected(self.status_message(failure)) from None
             if failure is None:
                 with self._stats_lock:
                     stats.prompt_tokens += completion.prompt_tokens
                     stats.completion_tokens += completion.completion_tokens
                 return completion
-            if not retry:
-                raise RequestRejected(self.status_message(failure)) from None
-            if attempt >= self.max_retries:
-                raise TransientError(f"{self.status_message(failure)} (after {attempt} retries)") from None
+            if call.retries >= self.max_retries:
+                raise TransientError(f"{self.status_message(failure)} (after {call.retries} retries)") from None
             time.sleep(self.backoff(attempt, failure))
             attempt += 1
+            call.retries += 1
             with self._stats_lock:
                 stats.retries += 1
 
