@@ -25,6 +25,12 @@ import polars as pl
 
 from .. import workspace
 
+# <cohort>/lesions/<case_id>.nii.gz: a case's local lesions as a label map (the demo cohort writes them);
+# <cohort>/lesions/labels.json: {"labels": {value: disease_id}, ...}. Here, not in the demo package, so
+# that the figures can find them without importing the demo generator (and its imaging libraries).
+LESIONS_DIR = "lesions"
+LESION_LABELS = "labels.json"
+
 MANIFEST_SCHEMA = {
     "case_id": pl.Utf8, "split": pl.Utf8, "image_path": pl.Utf8, "mask_path": pl.Utf8,
     "report_text": pl.Utf8, "source": pl.Utf8,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import catalog
-from ..cohort.demo import LESION_LABELS, LESIONS_DIR
+from ..cohort.schema import LESION_LABELS, LESIONS_DIR
 from ..imaging.storage import CasePaths, load_case, paths_from
 from ..model.io import load_model, pick_device
 from ..model.normality import anatomy_token_rows

@@ -51,7 +51,7 @@ import numpy as np
 
 from ctvlp import catalog
 
-from ..schema import GROUND_TRUTH_SCHEMA, MANIFEST_SCHEMA, frame, write
+from ..schema import GROUND_TRUTH_SCHEMA, LESION_LABELS, LESIONS_DIR, MANIFEST_SCHEMA, frame, write
 from .anatomy import TOTALSEG, render_anatomy
 from .lesions import Lesion, anatomy_changes, render_signs
 from .report_text import make_report
@@ -79,8 +79,6 @@ DEFAULT_N_CASES = 160
 PREVALENCE = 0.2
 SOURCE = "demo"
 HU_MIN, HU_MAX = -1024, 3071
-LESIONS_DIR = "lesions"  # <cohort>/lesions/<case_id>.nii.gz: the local lesions of a case
-LESION_LABELS = "labels.json"  # <cohort>/lesions/labels.json: {"labels": {value: disease_id}, ...}
 
 
 @dataclass
