@@ -448,3 +448,12 @@ def test_lesion_maps_hold_the_local_lesions_of_each_case(tmp_path, monkeypatch):
         assert {labels["labels"][str(v)] for v in np.unique(arr) if v} == shown
     assert not stale.exists()
     assert any(lz.disease_id not in local for lz in generate_case(3, SEED).lesions)  # diffuse ones: left out
+
+
+def test_test_seed_is_refused_outside_the_demo_source(tmp_path):
+    from ctvlp import config
+    from ctvlp.cohort.stage import build_cohort
+
+    settings = config.validate({"cohort": {"source": "table", "test_seed": 5, "table": {"path": "x.csv"}}})
+    with pytest.raises(SystemExit, match="test_seed"):
+        build_cohort(settings, tmp_path)

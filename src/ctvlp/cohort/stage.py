@@ -16,6 +16,9 @@ def build_cohort(settings: dict, out_dir, threads: int = 1) -> dict[str, Path]:
     """Write the cohort of ``settings`` (sections cohort, seed, evaluate.catalog) into ``out_dir``;
     returns the paths written. ``threads``: processes that render the demo cohort."""
     cohort, seed = settings["cohort"], settings["seed"]
+    if cohort["source"] != "demo" and cohort.get("test_seed") is not None:
+        raise SystemExit(f"cohort.test_seed renders the demo's test cases from another seed; it has no meaning for "
+                         f"cohort.source {cohort['source']}: remove it (your test split is the one your data define)")
     if cohort["source"] == "demo":
         from .demo import write_cohort
 

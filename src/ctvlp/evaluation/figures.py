@@ -772,5 +772,5 @@ def make_all(model_dir, predictions, cases_table, ground_truth, out_dir, disease
         items, out_dir / "activation_maps.png", ncols=2 * per_class, slots=slots,
         title=f"Visual activation maps, test split: per disease the first {per_class} positive and {per_class} "
               "negative cases by case id (chosen without scores)\ncos(token embedding, positive prompt) inside the "
-              f"anatomy (white outline); red > 0 > blue, one scale; {where}")
+              f"anatomy (white outline); red > 0 > blue, one scale;\n{where}")
     return paths

@@ -240,15 +240,16 @@ def write_cohort(out_dir: str | Path, n_cases: int, seed: int,
     from concurrent.futures import ProcessPoolExecutor
 
     from ...progress import lines
+    from ...workspace import write_text_atomic
 
+    if test_seed is not None and test_seed == seed:
+        raise ValueError(f"cohort.test_seed {test_seed} is the cohort's own seed: pick a generator seed never used")
     out_dir = Path(out_dir)
     for sub in ("images", "masks", LESIONS_DIR):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    (out_dir / LESIONS_DIR / LESION_LABELS).write_text(json.dumps(_lesion_labels(), indent=1), encoding="utf-8")
+    write_text_atomic(out_dir / LESIONS_DIR / LESION_LABELS, json.dumps(_lesion_labels(), indent=1))
     splits = (assign_splits([case_labels(i, seed) for i in range(n_cases)], seed, split)
               + ["test"] * extra_test + ["val"] * extra_val + ["train"] * extra_train)
-    if test_seed is not None and test_seed == seed:
-        raise ValueError(f"cohort.test_seed {test_seed} is the cohort's own seed: pick a generator seed never used")
     jobs = [(i, test_seed if s == "test" and test_seed is not None else seed, s, out_dir, lesion_scale, seed)
             for i, s in enumerate(splits)]
     if workers > 1:
